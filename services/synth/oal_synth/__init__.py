@@ -1,0 +1,1 @@
+"""The outlier-synthesis service: REST API, RQ workers, boundary sampling and latent diffusion."""

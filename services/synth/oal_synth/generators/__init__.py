@@ -1,0 +1,1 @@
+"""Generators: the embedded latent diffusion model, Stable Diffusion, and tiny-random."""

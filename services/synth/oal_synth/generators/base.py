@@ -1,0 +1,65 @@
+"""What every generator offers the worker: a conditioning space and a latent sampler.
+
+A generator turns outlier embeddings (points in its conditioning space) into denoised latents z0,
+taken before any VAE decode. Its `info` is plain data, readable without torch (the API lists
+generators from the `oal_generator.json` beside the diffusers folder).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    import numpy as np
+    import torch
+
+    from oal_synth.spec import DiffusionConfig
+
+GENERATOR_INFO_FILE = "oal_generator.json"
+
+
+@dataclass(frozen=True)
+class GeneratorInfo:
+    """Plain facts about a generator, recorded in every shard's provenance."""
+
+    id: str  # e.g. "fmnist-ldm", "tiny-random", "sd-v1-4"
+    kind: str  # "embedded" | "stable-diffusion" | "tiny-random"
+    space: str  # conditioning-space id; embedding sets must carry the same
+    embed_dim: int  # D of one conditioning embedding
+    latent_shape: tuple[int, int, int]  # (C, H, W) of z0 at the default size
+    scaling_factor: float  # VAE scaling factor; latents in shards are unscaled
+    content_hash: str  # sha256 over the weight files, so provenance pins exact weights
+    class_names: tuple[str, ...] = ()  # classes the generator knows words for (SD prompt), if any
+    description: str = ""
+
+    def to_json(self) -> dict:
+        data = asdict(self)
+        data["latent_shape"] = list(self.latent_shape)
+        data["class_names"] = list(self.class_names)
+        return data
+
+
+@runtime_checkable
+class LatentGenerator(Protocol):
+    info: GeneratorInfo
+
+    def embed_images(self, images: np.ndarray) -> torch.Tensor:
+        """Embed ID images (uint8, (N,H,W) or (N,H,W,3)) into the conditioning space, (N, D) float32."""
+
+    def generate_latents(
+        self,
+        embeddings: torch.Tensor,
+        class_ids: list[int],
+        seeds: list[int],
+        diffusion: DiffusionConfig,
+    ) -> torch.Tensor:
+        """Denoise one latent per embedding row; returns unscaled z0, (B, C, H, W) float32 on CPU.
+
+        `seeds[i]` alone decides sample i's initial noise, so a sample never depends on its batch.
+        `class_ids[i]` picks the prompt (Stable Diffusion: the class word whose token row the
+        embedding replaces).
+        """
+
+    def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
+        """Decode unscaled latents to images in [0, 1], (B, C_img, H, W)."""

@@ -1,0 +1,120 @@
+"""The job spec: what a client asks the synthesis service for.
+
+Pure pydantic, no torch: the API validates with it, the worker runs from it, and every shard's
+provenance and the manifest record it. Limits that depend on deployment settings (most outliers,
+most steps) are checked in `check_limits`, so a 422 names the field either way.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from oal_shared.settings import Settings
+
+SCHEDULERS = ("ddim", "pndm", "dpm-solver")
+GENERATOR_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
+
+
+class SamplerConfig(BaseModel):
+    """Stage B of the method (NPOS-style boundary sampling); defaults are the paper's."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    k: int = Field(300, ge=1, le=10_000, description="k of the k-th nearest-neighbour distance (query is its own 1st).")
+    select: int = Field(50, ge=1, le=10_000, description="Boundary points per class (largest k-th-NN distance).")
+    sigma: float = Field(0.07, gt=0, le=10, description="Std of the Gaussian noise around a boundary point.")
+    n_candidates: int = Field(1500, ge=1, le=100_000, description="Noisy candidates drawn per boundary point.")
+    keep: int = Field(2, ge=1, le=1000, description="Lowest-density candidates kept per boundary point.")
+    classes: list[int] | None = Field(None, description="ID class indices to synthesise for; all when null.")
+    faithful_knn_bug: bool = Field(
+        False, description="Reproduce the reference code's wrong candidate indexing (for comparison only)."
+    )
+
+    @model_validator(mode="after")
+    def _keep_fits(self) -> SamplerConfig:
+        if self.keep > self.n_candidates:
+            raise ValueError(f"sampler.keep ({self.keep}) must not exceed sampler.n_candidates ({self.n_candidates})")
+        return self
+
+    @field_validator("classes")
+    @classmethod
+    def _classes_unique(cls, value: list[int] | None) -> list[int] | None:
+        if value is not None:
+            if not value:
+                raise ValueError("sampler.classes must name at least one class, or be null for all")
+            if any(c < 0 for c in value) or len(set(value)) != len(value):
+                raise ValueError("sampler.classes must be distinct non-negative class indices")
+        return value
+
+
+class DiffusionConfig(BaseModel):
+    """Stage C: how each outlier embedding is denoised into a latent."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    scheduler: Literal["ddim", "pndm", "dpm-solver"] = Field("ddim", description="Sampler algorithm by name.")
+    steps: int = Field(50, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(7.5, ge=1.0, le=50.0, description="Classifier-free guidance; 1 disables it.")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto", description="Model dtype; auto = float16 on CUDA, float32 on CPU."
+    )
+    batch_size: int = Field(64, ge=1, le=4096, description="Outliers denoised per forward batch.")
+    height: int | None = Field(None, ge=8, le=2048, description="Image height in pixels; generator default if null.")
+    width: int | None = Field(None, ge=8, le=2048, description="Image width in pixels; generator default if null.")
+
+
+class ShardConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    max_samples: int = Field(1000, ge=1, description="Most samples per shard.")
+    latent_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of latent.npy.")
+
+
+class EmbeddingsFromSet(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    set_id: Annotated[str, Field(pattern=r"^[a-f0-9]{8,64}$", description="Id of an uploaded embedding set.")]
+
+
+class EmbeddingsFromBenchmark(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    benchmark: Literal["fmnist-osr"] = Field(description="Embed this benchmark's ID train split with the generator.")
+    per_class: int = Field(500, ge=2, le=100_000, description="ID training images embedded per class.")
+
+
+class JobSpec(BaseModel):
+    """One synthesis job. Everything that shapes the output is in here and recorded with it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    generator: str = Field(description="Generator id from GET /v1/generators, or a folder under the generator root.")
+    embeddings: EmbeddingsFromSet | EmbeddingsFromBenchmark
+    num_outliers: int = Field(ge=1, description="Outliers to write in total, spread evenly over classes.")
+    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of sampling and diffusion; same seed, same shards.")
+    sampler: SamplerConfig = SamplerConfig()
+    diffusion: DiffusionConfig = DiffusionConfig()
+    shards: ShardConfig = ShardConfig()
+
+    @field_validator("generator")
+    @classmethod
+    def _generator_name(cls, value: str) -> str:
+        if not GENERATOR_ID_PATTERN.match(value) or ".." in value.split("/"):
+            raise ValueError("generator must be an id or relative folder name: letters, digits, . _ / -; no '..'")
+        return value
+
+    def check_limits(self, settings: Settings) -> list[tuple[str, str]]:
+        """Deployment limits; returns (field, message) pairs, empty when the spec fits."""
+        problems = []
+        if self.num_outliers > settings.max_outliers:
+            problems.append(("num_outliers", f"at most {settings.max_outliers} allowed, got {self.num_outliers}"))
+        if self.diffusion.steps > settings.max_steps:
+            problems.append(("diffusion.steps", f"at most {settings.max_steps} allowed, got {self.diffusion.steps}"))
+        if self.shards.max_samples > settings.max_shard_samples:
+            problems.append(
+                ("shards.max_samples", f"at most {settings.max_shard_samples} allowed, got {self.shards.max_samples}")
+            )
+        return problems
