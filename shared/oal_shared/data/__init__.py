@@ -1,0 +1,35 @@
+"""Data sets of the benchmarks: Fashion-MNIST, fmnist-osr, CIFAR in OpenOOD layout.
+
+Importing this package is cheap: scikit-learn, scikit-image, scipy and torchvision are imported
+only when a set that needs them is built.
+"""
+
+from oal_shared.data.benchmark import (
+    BENCHMARKS,
+    FMNIST_OSR,
+    FMNIST_OSR_ID_CLASSES,
+    FMNIST_OSR_NEAR_CLASSES,
+    OOD_LABEL,
+    Benchmark,
+    ImageSet,
+    is_ood,
+    load_benchmark,
+)
+from oal_shared.data.fashion_mnist import FMNIST_CLASSES, load_fashion_mnist
+from oal_shared.data.idx import DataFormatError, read_idx
+
+__all__ = [
+    "BENCHMARKS",
+    "FMNIST_CLASSES",
+    "FMNIST_OSR",
+    "FMNIST_OSR_ID_CLASSES",
+    "FMNIST_OSR_NEAR_CLASSES",
+    "OOD_LABEL",
+    "Benchmark",
+    "DataFormatError",
+    "ImageSet",
+    "is_ood",
+    "load_benchmark",
+    "load_fashion_mnist",
+    "read_idx",
+]
