@@ -8,6 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
+
 from oal_shared.data import (
     BENCHMARKS,
     FMNIST_CLASSES,
@@ -25,7 +27,6 @@ from oal_shared.data import benchmark as benchmark_module
 from oal_shared.data.fashion_mnist import read_fashion_mnist_files
 from oal_shared.errors import ConfigError
 from oal_shared.settings import Settings
-from PIL import Image
 
 
 @pytest.fixture

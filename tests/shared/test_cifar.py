@@ -7,11 +7,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from oal_shared.data import OOD_LABEL, DataFormatError, load_benchmark
 from oal_shared.data.cifar import CIFAR10_CLASSES, CIFAR100_CLASSES, IMAGES_DIR, imglist_path
 from oal_shared.errors import DataNotFoundError, UnsafePathError
 from oal_shared.settings import Settings
-
 from tests.utils.cifar_standin import write_cifar_standin
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+
 from oal_shared.data import fashion_mnist
 from oal_shared.data.fashion_mnist import FMNIST_CLASSES, load_fashion_mnist, split_file_names
 from oal_shared.data.idx import DataFormatError, read_idx, write_idx

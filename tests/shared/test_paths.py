@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+
 from oal_shared.errors import UnsafePathError
 from oal_shared.paths import ensure_within, safe_join
 

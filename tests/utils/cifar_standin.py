@@ -11,8 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-from oal_shared.data.cifar import CIFAR_LAYOUTS, IMAGES_DIR, imglist_path
 from PIL import Image
+
+from oal_shared.data.cifar import CIFAR_LAYOUTS, IMAGES_DIR, imglist_path
 
 # (width, height, PIL mode) of each stand-in OOD set, after the real sets' shapes.
 OOD_IMAGE_FORMATS = {

@@ -7,6 +7,7 @@ generators from the `oal_generator.json` beside the diffusers folder).
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
@@ -39,6 +40,35 @@ class GeneratorInfo:
         data["class_names"] = list(self.class_names)
         return data
 
+    @classmethod
+    def from_json(cls, data: dict, source: str = "generator info") -> GeneratorInfo:
+        """Inverse of `to_json`; a missing or mistyped field raises ConfigError naming it and `source`."""
+        from oal_shared.errors import ConfigError
+
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+        required = ("id", "kind", "space", "embed_dim", "latent_shape", "scaling_factor", "content_hash")
+        missing = [name for name in required if name not in data]
+        if missing:
+            raise ConfigError(f"{source}: field {missing[0]!r} is missing")
+        try:
+            latent_shape = tuple(int(v) for v in data["latent_shape"])
+            if len(latent_shape) != 3:
+                raise ValueError(f"needs 3 entries (C, H, W), got {len(latent_shape)}")
+            return cls(
+                id=str(data["id"]),
+                kind=str(data["kind"]),
+                space=str(data["space"]),
+                embed_dim=int(data["embed_dim"]),
+                latent_shape=latent_shape,  # type: ignore[arg-type]
+                scaling_factor=float(data["scaling_factor"]),
+                content_hash=str(data["content_hash"]),
+                class_names=tuple(str(name) for name in data.get("class_names", ())),
+                description=str(data.get("description", "")),
+            )
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"{source}: malformed field value ({exc})") from exc
+
 
 @runtime_checkable
 class LatentGenerator(Protocol):
@@ -53,12 +83,15 @@ class LatentGenerator(Protocol):
         class_ids: list[int],
         seeds: list[int],
         diffusion: DiffusionConfig,
+        class_names: Sequence[str] | None = None,
     ) -> torch.Tensor:
         """Denoise one latent per embedding row; returns unscaled z0, (B, C, H, W) float32 on CPU.
 
+        "Unscaled" is diffusers' sense: the VAE's own latent space (what `vae.encode` gives and
+        `vae.decode` takes), i.e. the denoised diffusion latent divided by `info.scaling_factor`.
         `seeds[i]` alone decides sample i's initial noise, so a sample never depends on its batch.
         `class_ids[i]` picks the prompt (Stable Diffusion: the class word whose token row the
-        embedding replaces).
+        embedding replaces) from `class_names` (the job's embedding set), else `info.class_names`.
         """
 
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
