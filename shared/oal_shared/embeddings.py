@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import secrets
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +24,7 @@ from safetensors.numpy import load as _safetensors_load
 from safetensors.numpy import save as _safetensors_save
 
 from oal_shared.errors import EmbeddingSetError
+from oal_shared.fsio import atomic_write_bytes
 
 __all__ = [
     "EMBEDDING_SCHEMA_VERSION",
@@ -225,7 +224,7 @@ def save_embedding_set(es: EmbeddingSet, path: str | Path) -> Path:
     """Write `es` to `path` atomically (temp file in the same folder, fsync, rename); returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_atomic(path, embedding_set_to_bytes(es))
+    atomic_write_bytes(path, embedding_set_to_bytes(es))
     return path
 
 
@@ -237,22 +236,3 @@ def load_embedding_set(path: str | Path) -> EmbeddingSet:
     except OSError as exc:
         raise EmbeddingSetError(f"{path}: cannot read embedding set ({exc.strerror or exc})") from exc
     return embedding_set_from_bytes(data, name=str(path))
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    # Readers see the old file or the whole new one, never a half-written file.
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # makes the rename itself durable
-    finally:
-        os.close(directory)

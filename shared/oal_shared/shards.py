@@ -21,13 +21,10 @@ import hashlib
 import io
 import json
 import logging
-import os
 import random
 import re
-import secrets
 import tarfile
 from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
@@ -35,6 +32,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 import numpy as np
 
 from oal_shared.errors import ConfigError, ManifestError, ShardError
+from oal_shared.fsio import atomic_file
 
 if TYPE_CHECKING:
     import webdataset
@@ -207,7 +205,7 @@ def write_shard(out_dir: str | Path, index: int, samples: Sequence[OutlierSample
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     final = out_dir / name
-    with _atomic_file(final) as handle:
+    with atomic_file(final) as handle:
         sink = _HashingSink(handle)
         # mtime=0 and fixed owner/mode make the bytes a function of the samples alone.
         with TarWriter(sink, encoder=False, mtime=0) as writer:
@@ -278,33 +276,6 @@ class _HashingSink:
 
     def hexdigest(self) -> str:
         return self._digest.hexdigest()
-
-
-@contextmanager
-def _atomic_file(target: Path) -> Iterator[BinaryIO]:
-    """Write through a hidden temp file in the target's folder, renamed onto the target on success.
-
-    Data and rename are fsynced; on any error the temp file goes and the target is untouched, so
-    readers see nothing, the old file, or the whole new one.
-    """
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)  # gone already after a successful rename
-    _fsync_dir(target.parent)
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 # --- files on disk -------------------------------------------------------------------------------
@@ -392,7 +363,7 @@ def write_manifest(
         raise ManifestError(f"spec/extra: not JSON-serialisable ({exc})") from exc
     out_dir.mkdir(parents=True, exist_ok=True)
     path = out_dir / MANIFEST_NAME
-    with _atomic_file(path) as handle:
+    with atomic_file(path) as handle:
         handle.write(text.encode("utf-8"))
     return path
 

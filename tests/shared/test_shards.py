@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import webdataset as wds
 
-from oal_shared import shards as shards_module
+from oal_shared import fsio
 from oal_shared.errors import ConfigError, ManifestError, ShardError
 from oal_shared.shards import (
     MANIFEST_NAME,
@@ -177,7 +177,7 @@ def test_failure_during_write_leaves_neither_final_nor_temp_file(tmp_path: Path,
     def disk_full(fd: int) -> None:
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(shards_module.os, "fsync", disk_full)
+    monkeypatch.setattr(fsio.os, "fsync", disk_full)
     with pytest.raises(OSError, match="No space left"):
         write_shard(tmp_path, 0, make_outlier_samples(2))
     assert os.listdir(tmp_path) == []

@@ -1,0 +1,42 @@
+"""Atomic file writes: readers see no file, the old file, or the whole new one - never half of one."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import BinaryIO
+
+
+@contextmanager
+def atomic_file(target: Path) -> Iterator[BinaryIO]:
+    """Write through a hidden temp file in the target's folder, renamed onto the target on success.
+
+    Data and rename are fsynced; on any error the temp file goes and the target is untouched.
+    """
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        with open(tmp, "xb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after a successful rename
+    fsync_dir(target.parent)
+
+
+def atomic_write_bytes(target: Path, data: bytes) -> None:
+    with atomic_file(target) as handle:
+        handle.write(data)
+
+
+def fsync_dir(directory: Path) -> None:
+    """Makes a rename inside `directory` durable."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
