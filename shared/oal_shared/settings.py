@@ -48,6 +48,9 @@ class Settings(BaseSettings):
     max_shard_samples: int = Field(100_000, ge=1, description="Most samples per shard.")
     job_timeout_s: int = Field(6 * 3600, ge=10, description="RQ job timeout (seconds).")
     job_retries: int = Field(3, ge=0, description="How often RQ retries a failed job (it resumes).")
+    job_retry_interval_s: int = Field(0, ge=0, description="Wait before a failed job is retried (seconds).")
+    worker_heartbeat_s: int = Field(10, ge=1, description="Worker heartbeat; a job is abandoned after 3 missed.")
+    worker_maintenance_s: int = Field(30, ge=1, description="How often a worker cleans registries (seconds).")
     result_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long finished jobs stay readable (seconds).")
     failure_ttl_s: int = Field(7 * 24 * 3600, ge=60, description="How long failed jobs stay readable (seconds).")
 

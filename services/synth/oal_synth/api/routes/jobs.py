@@ -1,0 +1,171 @@
+"""Synthesis jobs: submit, read, cancel, and the manifest of a finished job."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response, status
+
+from oal_shared.errors import ManifestError
+from oal_shared.paths import safe_join
+from oal_shared.settings import Settings
+from oal_shared.shards import read_manifest
+from oal_synth.api.deps import Authorized, MetricsDep, QueueDep, RedisDep, SettingsDep, StoreDep
+from oal_synth.api.errors import QUEUE_FULL_RETRY_AFTER_S, APIError
+from oal_synth.api.routes.generators import find_generator
+from oal_synth.api.schemas import ErrorOut, JobOut
+from oal_synth.generators.registry import GeneratorNotFoundError
+from oal_synth.queue import (
+    enqueue_synthesis,
+    fetch_job,
+    job_status,
+    job_view,
+    queued_count,
+    request_cancel,
+)
+from oal_synth.spec import EmbeddingsFromBenchmark, EmbeddingsFromSet, JobSpec
+from oal_synth.store import EmbeddingSetNotFoundError, EmbeddingSetStore
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
+
+# Generator kinds with an image encoder of their own (embed_images); the others (Stable Diffusion,
+# tiny-random) condition on token embeddings and need an uploaded embedding set.
+KINDS_THAT_EMBED_IMAGES = ("embedded",)
+
+_ERRORS = {
+    401: {"model": ErrorOut, "description": "OAL_API_TOKEN is set and the bearer token is missing or wrong"},
+    422: {"model": ErrorOut, "description": "The spec is invalid; `error.field` names the field"},
+    429: {"model": ErrorOut, "description": "Too many queued jobs; retry after `Retry-After` seconds"},
+    503: {"model": ErrorOut, "description": "Redis is unreachable; retry after `Retry-After` seconds"},
+}
+
+
+@router.post(
+    "",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    dependencies=[Authorized],
+    responses=_ERRORS,
+    summary="Submit a synthesis job",
+)
+def submit_job(
+    spec: JobSpec,
+    response: Response,
+    settings: SettingsDep,
+    queue: QueueDep,
+    store: StoreDep,
+    metrics: MetricsDep,
+) -> dict:
+    check_spec(spec, settings, store)
+    if queued_count(queue) >= settings.max_queued_jobs:
+        raise APIError(
+            429,
+            "queue_full",
+            f"{settings.max_queued_jobs} jobs are already waiting (OAL_MAX_QUEUED_JOBS); "
+            f"retry in {QUEUE_FULL_RETRY_AFTER_S} s",
+            headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
+        )
+    job = enqueue_synthesis(queue, spec, settings)
+    metrics.count_job_submitted()
+    response.headers["Location"] = f"/v1/jobs/{job.id}"
+    return job_view(job)
+
+
+def check_spec(spec: JobSpec, settings: Settings, store: EmbeddingSetStore) -> None:
+    """What the schema cannot check: deployment limits, the generator, the embedding set and its space."""
+    problems = spec.check_limits(settings)
+    if problems:
+        field, message = problems[0]
+        details = [{"field": f, "message": m} for f, m in problems]
+        raise APIError(422, "limit_exceeded", f"{field}: {message}", field=field, details=details)
+
+    try:
+        generator = find_generator(spec.generator, settings)
+    except GeneratorNotFoundError as exc:
+        raise APIError(422, "unknown_generator", str(exc), field="generator") from None
+
+    if isinstance(spec.embeddings, EmbeddingsFromBenchmark) and generator is not None:
+        if generator.kind not in KINDS_THAT_EMBED_IMAGES:
+            raise APIError(
+                422,
+                "invalid_request",
+                f"generator {generator.id!r} ({generator.kind}) cannot embed benchmark images: it is conditioned "
+                f"on token embeddings{f' (space {generator.space!r})' if generator.space else ''}; upload an "
+                "embedding set in that space (POST /v1/embedding-sets) and pass embeddings.set_id",
+                field="embeddings",
+            )
+
+    # A generator that has not described itself yet (tiny-random before its first build, a bare
+    # diffusers folder) has no space to compare here; the worker checks again after loading it.
+    if isinstance(spec.embeddings, EmbeddingsFromSet):
+        try:
+            summary = store.describe(spec.embeddings.set_id)
+        except EmbeddingSetNotFoundError as exc:
+            raise APIError(422, "unknown_embedding_set", str(exc), field="embeddings.set_id") from None
+        if generator is not None and generator.space and summary["space"] != generator.space:
+            raise APIError(
+                422,
+                "space_mismatch",
+                f"embedding set {summary['id']} lives in space {summary['space']!r}, but generator "
+                f"{generator.id!r} is conditioned on space {generator.space!r}; upload embeddings made "
+                "for this generator, or pick a generator of that space",
+                field="embeddings.set_id",
+            )
+        if generator is not None and summary["dim"] != generator.embed_dim:
+            raise APIError(
+                422,
+                "space_mismatch",
+                f"embedding set {summary['id']} has dim {summary['dim']}, generator {generator.id!r} "
+                f"expects {generator.embed_dim}",
+                field="embeddings.set_id",
+            )
+        num_classes = len(summary["classes"])
+        beyond = [c for c in spec.sampler.classes or () if c >= num_classes]
+        if beyond:
+            raise APIError(
+                422,
+                "invalid_request",
+                f"sampler.classes names {beyond}, but embedding set {summary['id']} has {num_classes} "
+                f"classes (0..{num_classes - 1})",
+                field="sampler.classes",
+            )
+
+
+@router.get("/{job_id}", response_model=JobOut, responses={404: {"model": ErrorOut}}, summary="Read a job")
+def get_job(job_id: str, connection: RedisDep) -> dict:
+    return job_view(fetch_job(connection, job_id))
+
+
+@router.delete(
+    "/{job_id}",
+    status_code=status.HTTP_202_ACCEPTED,
+    response_model=JobOut,
+    dependencies=[Authorized],
+    responses={401: {"model": ErrorOut}, 404: {"model": ErrorOut}, 409: {"model": ErrorOut}},
+    summary="Cancel a job (queued: at once; running: at its next batch)",
+)
+def cancel_job(job_id: str, connection: RedisDep, settings: SettingsDep) -> dict:
+    job = fetch_job(connection, job_id)
+    return job_view(request_cancel(connection, job, settings))
+
+
+@router.get(
+    "/{job_id}/manifest",
+    responses={404: {"model": ErrorOut}, 409: {"model": ErrorOut, "description": "The job has not finished"}},
+    summary="The manifest of a finished job: spec, shards with counts and sha256",
+)
+def get_manifest(job_id: str, connection: RedisDep, settings: SettingsDep) -> dict:
+    job = fetch_job(connection, job_id)
+    state = job_status(job)
+    if state.value != "finished":
+        progress = (job.get_meta(refresh=False) or {}).get("progress") or {}
+        raise APIError(
+            409,
+            "not_finished",
+            f"job {job_id} is {state.value} ({progress.get('done', 0)}/{progress.get('total', '?')} "
+            "outliers); the manifest exists once it is finished",
+        )
+    try:
+        return read_manifest(safe_join(settings.shard_root, job_id))
+    except ManifestError as exc:
+        raise APIError(
+            404, "manifest_missing", f"job {job_id} finished, but its manifest is unreadable: {exc}"
+        ) from None

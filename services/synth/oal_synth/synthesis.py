@@ -1,0 +1,399 @@
+"""The synthesis job RQ runs: `run_synthesis_job(spec_json) -> summary`.
+
+Read top-down like a diffusers pipeline's `__call__`:
+
+ 1. check the spec (schema and deployment limits)
+ 2. load the generator (kept loaded per worker process, so the next job skips the load)
+ 3. get the ID embeddings: an uploaded set, or the benchmark's ID train images embedded here
+ 4. refuse embeddings from another conditioning space
+ 5. sample boundary outliers (Stage B)
+ 6. plan shards: outlier order and per-outlier seeds depend only on the spec, so shard i's bytes
+    depend only on the spec and i
+ 7. denoise each shard not already on disk, batch by batch, checking for cancel between batches
+ 8. write manifest.json and return a summary
+
+A retried job (worker killed, timeout, crash) runs the same steps; shards already under their
+final name are complete by construction (write, fsync, rename) and are only re-described, so the
+job resumes where it stopped and writes the same bytes it would have written the first time.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import ValidationError
+from redis import Redis
+from rq import get_current_job
+from rq.job import Job
+
+from oal_shared.data.benchmark import load_benchmark
+from oal_shared.embeddings import EmbeddingSet
+from oal_shared.errors import ConfigError, ShardError, SpaceMismatchError
+from oal_shared.paths import safe_join
+from oal_shared.settings import Settings, get_settings
+from oal_shared.shards import (
+    OutlierSample,
+    ShardInfo,
+    describe_shard,
+    sample_key,
+    shard_name,
+    write_manifest,
+    write_shard,
+)
+from oal_synth.generators.base import GeneratorInfo, LatentGenerator
+from oal_synth.generators.registry import load_generator
+from oal_synth.queue import JobCanceled, JobInterrupted, is_cancel_requested
+from oal_synth.sampler import BoundaryOutliers, sample_outliers
+from oal_synth.spec import EmbeddingsFromBenchmark, EmbeddingsFromSet, JobSpec
+from oal_synth.store import EmbeddingSetStore
+
+logger = logging.getLogger(__name__)
+
+#: Embedded benchmark sets kept per process (cheap to keep, slow-ish to recompute on a CPU).
+EMBEDDING_CACHE_SIZE = 4
+#: Images per embed_images call when embedding a benchmark.
+EMBED_BATCH = 512
+
+_benchmark_embeddings: OrderedDict[tuple, EmbeddingSet] = OrderedDict()
+_stop_requested = threading.Event()
+
+
+# ---------------------------------------------------------------------------- process-wide controls
+
+
+def request_stop() -> None:
+    """Ask the running job to stop at its next batch and be requeued (the worker's SIGTERM)."""
+    _stop_requested.set()
+
+
+def clear_stop_request() -> None:
+    _stop_requested.clear()
+
+
+# ---------------------------------------------------------------------------- the job and its context
+
+
+@dataclass
+class JobContext:
+    """Where the job reports to: its RQ job (progress meta, cancel flag) or nothing when run directly."""
+
+    job_id: str
+    rq_job: Job | None = None
+
+    @property
+    def connection(self) -> Redis | None:
+        return self.rq_job.connection if self.rq_job is not None else None
+
+    @classmethod
+    def current(cls, job_id: str | None) -> JobContext:
+        rq_job = get_current_job()
+        if rq_job is not None:
+            return cls(job_id=rq_job.id, rq_job=rq_job)
+        if job_id is None:
+            raise ConfigError("job_id: needed when run_synthesis_job runs outside an RQ worker")
+        return cls(job_id=job_id)
+
+    def check_interrupts(self) -> None:
+        """Raise JobCanceled when the API asked to cancel, JobInterrupted when the worker stops."""
+        if self.connection is not None and is_cancel_requested(self.connection, self.job_id):
+            raise JobCanceled(f"job {self.job_id} canceled on request")
+        if _stop_requested.is_set():
+            raise JobInterrupted(f"job {self.job_id} interrupted: its worker is shutting down; it will resume")
+
+    def update(self, **fields: Any) -> None:
+        if self.rq_job is None:
+            return
+        self.rq_job.meta.update(fields)
+        self.rq_job.save_meta()
+
+
+def run_synthesis_job(spec_json: dict, job_id: str | None = None) -> dict:
+    """Synthesise the outliers of one job spec into shards under `settings.shard_root/<job id>`.
+
+    Under RQ the job id is the RQ job's; run directly, pass `job_id`. Returns a JSON summary.
+    """
+    started = time.perf_counter()
+    settings = get_settings()
+    context = JobContext.current(job_id)
+
+    # 1. Check the spec.
+    spec = check_job_spec(spec_json, settings)
+    out_dir = safe_join(Path(settings.shard_root), context.job_id)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    context.update(progress={"done": 0, "total": spec.num_outliers}, shards=[], output_dir=str(out_dir), error=None)
+    context.check_interrupts()
+
+    # 2. Load the generator (the registry keeps it loaded in this process for the next job).
+    loading = time.perf_counter()
+    generator = load_generator(spec.generator, settings)
+    logger.info("job %s: generator %s ready in %.1f s", context.job_id, spec.generator, time.perf_counter() - loading)
+    info = generator.info
+
+    # 3. Get the ID embeddings.
+    es = job_embeddings(spec, generator, settings)
+
+    # 4. Refuse a space mismatch.
+    check_space(es, info)
+
+    # 5. Sample boundary outliers.
+    plan = plan_outliers(sample_outliers(es, spec.sampler, spec.num_outliers, spec.seed), spec.seed)
+    logger.info(
+        "job %s: %d outliers over %d classes from %d embeddings",
+        context.job_id,
+        len(plan),
+        len(set(plan.class_ids.tolist())),
+        len(es),
+    )
+
+    # 6. Plan shards.
+    shard_rows = plan_shards(len(plan), spec.shards.max_samples)
+
+    # 7. Denoise and write every shard not already complete on disk.
+    infos: list[ShardInfo] = []
+    done, resumed = 0, 0
+    for index, rows in enumerate(shard_rows):
+        existing = complete_shard(out_dir, index, len(rows))
+        if existing is not None:
+            info_i, resumed = existing, resumed + 1
+            done += len(rows)
+        else:
+            samples = []
+            for batch in batches(rows, spec.diffusion.batch_size):
+                context.check_interrupts()
+                samples += denoise_batch(generator, plan, batch, spec, es, context.job_id)
+                context.update(progress={"done": done + len(samples), "total": len(plan)})
+            info_i = write_shard(out_dir, index, samples)
+            done += len(rows)
+        infos.append(info_i)
+        context.update(progress={"done": done, "total": len(plan)}, shards=[i.to_json() for i in infos])
+
+    # 8. Write the manifest.
+    manifest_path = write_manifest(
+        out_dir,
+        spec.model_dump(mode="json"),
+        infos,
+        extra={
+            "job_id": context.job_id,
+            "generator": info.to_json(),
+            "embeddings": {
+                "source": es.source,
+                "space": es.space,
+                "class_names": list(es.class_names),
+                "count": len(es),
+            },
+        },
+    )
+    context.update(manifest_path=str(manifest_path))
+    seconds = time.perf_counter() - started
+    logger.info(
+        "job %s: %d samples in %d shards (%d resumed) in %.1f s",
+        context.job_id,
+        done,
+        len(infos),
+        resumed,
+        seconds,
+    )
+    return {
+        "job_id": context.job_id,
+        "output_dir": str(out_dir),
+        "manifest_path": str(manifest_path),
+        "num_samples": done,
+        "num_shards": len(infos),
+        "resumed_shards": resumed,
+        "generator": info.id,
+        "seconds": round(seconds, 3),
+    }
+
+
+# ---------------------------------------------------------------------------- steps
+
+
+def check_job_spec(spec_json: dict, settings: Settings) -> JobSpec:
+    try:
+        spec = JobSpec.model_validate(spec_json)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        field = ".".join(str(part) for part in first["loc"])
+        raise ConfigError(f"job spec field {field}: {first['msg']}") from exc
+    problems = spec.check_limits(settings)
+    if problems:
+        raise ConfigError("; ".join(f"job spec field {field}: {message}" for field, message in problems))
+    return spec
+
+
+def job_embeddings(spec: JobSpec, generator: LatentGenerator, settings: Settings) -> EmbeddingSet:
+    if isinstance(spec.embeddings, EmbeddingsFromSet):
+        return EmbeddingSetStore.from_settings(settings).load(spec.embeddings.set_id)
+    if isinstance(spec.embeddings, EmbeddingsFromBenchmark):
+        return embed_benchmark(spec.embeddings, spec.seed, generator, settings)
+    raise ConfigError(f"embeddings: unsupported source {type(spec.embeddings).__name__}")
+
+
+def embed_benchmark(
+    source: EmbeddingsFromBenchmark, seed: int, generator: LatentGenerator, settings: Settings
+) -> EmbeddingSet:
+    """Embed `per_class` ID train images per class (a subset fixed by the seed) with the generator."""
+    info = generator.info
+    key = (info.id, info.content_hash, source.benchmark, source.per_class, seed)
+    if key in _benchmark_embeddings:
+        _benchmark_embeddings.move_to_end(key)
+        return _benchmark_embeddings[key]
+    benchmark = load_benchmark(source.benchmark, settings)
+    images, labels = benchmark.id_train.images, benchmark.id_train.labels
+    chosen = []
+    for cls in range(len(benchmark.class_names)):
+        rows = np.flatnonzero(labels == cls)
+        take = min(source.per_class, rows.size)
+        if take < source.per_class:
+            logger.warning("class %d has %d train images, fewer than per_class=%d", cls, rows.size, source.per_class)
+        rng = np.random.default_rng([seed, cls])
+        chosen.append(np.sort(rng.choice(rows, size=take, replace=False)))
+    index = np.concatenate(chosen)
+    with torch.inference_mode():
+        parts = [generator.embed_images(images[index[i : i + EMBED_BATCH]]) for i in range(0, index.size, EMBED_BATCH)]
+    embeddings = torch.cat(parts).detach().float().cpu().numpy()  # (N, D)
+    es = EmbeddingSet(
+        embeddings=np.ascontiguousarray(embeddings, dtype=np.float32),
+        labels=labels[index].astype(np.int64),
+        space=info.space,
+        class_names=tuple(benchmark.class_names),
+        source=f"{source.benchmark} id_train, {source.per_class} per class (seed {seed}), "
+        f"embedded by {info.id} ({info.content_hash[:12]})",
+    )
+    _benchmark_embeddings[key] = es
+    while len(_benchmark_embeddings) > EMBEDDING_CACHE_SIZE:
+        _benchmark_embeddings.popitem(last=False)
+    return es
+
+
+def check_space(es: EmbeddingSet, info: GeneratorInfo) -> None:
+    if es.space != info.space:
+        raise SpaceMismatchError(
+            f"embeddings live in space {es.space!r}, but generator {info.id!r} is conditioned on space {info.space!r}"
+        )
+    if es.dim != info.embed_dim:
+        raise SpaceMismatchError(f"embeddings have dim {es.dim}, generator {info.id!r} expects {info.embed_dim}")
+
+
+@dataclass(frozen=True)
+class OutlierPlan:
+    """Every outlier of the job in its fixed order; row i is global index i."""
+
+    embeddings: torch.Tensor  # (N, D) float32
+    class_ids: np.ndarray  # (N,) int64
+    boundary_index: np.ndarray  # (N,) int64, row of the class set the outlier was drawn around
+    knn_distance: np.ndarray  # (N,) float32
+    rep: np.ndarray  # (N,) int64, how many earlier outliers share (class, boundary point)
+    seeds: np.ndarray  # (N,) int64, the diffusion seed of each outlier
+
+    def __len__(self) -> int:
+        return int(self.class_ids.shape[0])
+
+
+def outlier_seed(seed: int, index: int) -> int:
+    """Diffusion seed of outlier `index`: a hash of (job seed, index), 63 bits, independent of batching."""
+    digest = hashlib.sha256(f"oal-outlier:{seed}:{index}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def plan_outliers(outliers: list[BoundaryOutliers], seed: int) -> OutlierPlan:
+    """Concatenate the classes in the sampler's order and number the outliers."""
+    if not outliers:
+        raise ConfigError("num_outliers: the sampler produced no outliers")
+    class_ids = np.concatenate([np.full(len(o), o.class_id, dtype=np.int64) for o in outliers])
+    boundary = np.concatenate([o.boundary_index.numpy().astype(np.int64) for o in outliers])
+    seen: dict[tuple[int, int], int] = {}
+    rep = np.empty_like(boundary)
+    for i, pair in enumerate(zip(class_ids.tolist(), boundary.tolist(), strict=True)):
+        rep[i] = seen.get(pair, 0)
+        seen[pair] = rep[i] + 1
+    return OutlierPlan(
+        embeddings=torch.cat([o.embeddings.float() for o in outliers]),
+        class_ids=class_ids,
+        boundary_index=boundary,
+        knn_distance=np.concatenate([o.knn_distance.numpy().astype(np.float32) for o in outliers]),
+        rep=rep,
+        seeds=np.array([outlier_seed(seed, i) for i in range(class_ids.shape[0])], dtype=np.int64),
+    )
+
+
+def plan_shards(total: int, max_samples: int) -> list[range]:
+    """Consecutive row ranges of at most `max_samples`: shard i holds rows [i*max, (i+1)*max)."""
+    return [range(start, min(start + max_samples, total)) for start in range(0, total, max_samples)]
+
+
+def batches(rows: range, batch_size: int) -> list[range]:
+    return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
+
+
+def complete_shard(out_dir: Path, index: int, expected: int) -> ShardInfo | None:
+    """The info of shard `index` if it is on disk with the planned sample count, else None."""
+    path = out_dir / shard_name(index)
+    if not path.is_file():
+        return None
+    try:
+        info = describe_shard(path)
+    except ShardError as exc:
+        logger.warning("shard %s is unreadable (%s); writing it again", path, exc)
+        return None
+    if info.count != expected:
+        logger.warning("shard %s holds %d samples, the plan %d; writing it again", path, info.count, expected)
+        return None
+    logger.info("shard %s already complete (%d samples); kept", path.name, info.count)
+    return info
+
+
+def denoise_batch(
+    generator: LatentGenerator, plan: OutlierPlan, rows: range, spec: JobSpec, es: EmbeddingSet, job_id: str
+) -> list[OutlierSample]:
+    """Stage C for rows of the plan: one latent per outlier embedding, with its provenance."""
+    info = generator.info
+    index = np.arange(rows.start, rows.stop)
+    embeddings = plan.embeddings[rows.start : rows.stop]  # (B, D)
+    with torch.inference_mode():
+        latents = generator.generate_latents(
+            embeddings,
+            class_ids=plan.class_ids[index].tolist(),
+            seeds=plan.seeds[index].tolist(),
+            diffusion=spec.diffusion,
+            class_names=es.class_names,
+        )  # (B, C, H, W) float32, unscaled
+    latents_np = latents.detach().float().cpu().numpy().astype(spec.shards.latent_dtype)
+    sampler = spec.sampler.model_dump(mode="json")
+    samples = []
+    for offset, i in enumerate(index.tolist()):
+        cls = int(plan.class_ids[i])
+        samples.append(
+            OutlierSample(
+                key=sample_key(job_id, cls, int(plan.boundary_index[i]), int(plan.rep[i])),
+                latent=latents_np[offset],
+                embedding=embeddings[offset].numpy().astype(np.float32),
+                cls=cls,
+                meta={
+                    "job_id": job_id,
+                    "index": i,
+                    "generator": {"id": info.id, "kind": info.kind, "content_hash": info.content_hash},
+                    "space": info.space,
+                    "class": cls,
+                    "class_name": es.class_names[cls],
+                    "boundary_index": int(plan.boundary_index[i]),
+                    "knn_distance": float(plan.knn_distance[i]),
+                    "seed": int(plan.seeds[i]),
+                    "scheduler": spec.diffusion.scheduler,
+                    "steps": spec.diffusion.steps,
+                    "guidance_scale": spec.diffusion.guidance_scale,
+                    "scaling_factor": info.scaling_factor,
+                    "sampler": sampler,
+                },
+            )
+        )
+    return samples

@@ -1,0 +1,228 @@
+"""The synthesis worker: a long-lived RQ worker that keeps generators loaded between jobs.
+
+Why not RQ's forking `Worker`: a fork per job would reload torch and the model every job (seconds
+on a CPU, longer on a GPU) and must not happen after CUDA is initialised. `SynthesisWorker` is a
+`SimpleWorker` (jobs run in this process) with three additions:
+
+- Heartbeats while a job runs. RQ's SimpleWorker registers a running job in the
+  StartedJobRegistry for the job's whole timeout (6 h by default) and never refreshes it, so a
+  worker killed mid-job leaves its job "started" for hours. Here a thread refreshes the entry
+  every `heartbeat_s`, with a TTL of `ABANDON_AFTER_BEATS * heartbeat_s`.
+- Abandoned jobs (read from rq 3.0 `StartedJobRegistry.cleanup`): any worker's maintenance
+  (at start-up and every `maintenance_interval`) finds entries whose TTL ran out while the job is
+  still STARTED, and calls `job.retry()` when `retries_left > 0` (else moves it to failed). The job
+  then runs again on some worker and resumes from the shards already on disk. So a killed worker's
+  job is picked up within about `3 * heartbeat_s + maintenance_interval` seconds.
+- Graceful stop and cooperative cancel. SIGTERM (first signal) asks the running job to stop at
+  its next batch; the worker puts it back at the front of the queue (no retry is used up) and
+  exits. A job whose cancel flag is set stops at its next batch and ends STOPPED, not retried.
+  Errors that a retry cannot fix (bad spec, space mismatch, missing data) fail at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+
+import redis.exceptions
+from redis import Redis
+from rq import SimpleWorker
+from rq.job import Job
+from rq.queue import Queue
+from rq.serializers import JSONSerializer
+from rq.worker import WorkerStatus
+
+from oal_shared.errors import (
+    ConfigError,
+    DataNotFoundError,
+    EmbeddingSetError,
+    SpaceMismatchError,
+    UnsafePathError,
+)
+from oal_shared.settings import Settings
+from oal_synth.queue import JobCanceled, JobInterrupted, connect, retry_interval_s, synthesis_queue
+
+logger = logging.getLogger(__name__)
+
+#: Seconds between heartbeats of a running job.
+DEFAULT_HEARTBEAT_S = 10
+#: A running job whose worker missed this many heartbeats counts as abandoned.
+ABANDON_AFTER_BEATS = 3
+#: Seconds between registry maintenance runs (where abandoned jobs are found); RQ's default is 600.
+DEFAULT_MAINTENANCE_S = 60
+#: Longest pause between two attempts to reach Redis at start-up (seconds).
+REDIS_WAIT_MAX_PAUSE_S = 10.0
+#: Failures a retry cannot fix: the job fails at once instead of using its retries.
+PERMANENT_ERRORS = (ConfigError, SpaceMismatchError, EmbeddingSetError, DataNotFoundError, UnsafePathError)
+
+
+class SynthesisWorker(SimpleWorker):
+    """A SimpleWorker with job heartbeats, cooperative cancel and requeue-on-shutdown."""
+
+    def __init__(
+        self,
+        queues: Sequence[Queue | str],
+        *args,
+        heartbeat_s: int = DEFAULT_HEARTBEAT_S,
+        **kwargs,
+    ):
+        if heartbeat_s < 1:
+            raise ConfigError(f"heartbeat_s must be >= 1 second, got {heartbeat_s}")
+        kwargs.setdefault("serializer", JSONSerializer)
+        kwargs.setdefault("job_monitoring_interval", heartbeat_s)
+        kwargs.setdefault("maintenance_interval", DEFAULT_MAINTENANCE_S)
+        super().__init__(queues, *args, **kwargs)
+        self.heartbeat_s = heartbeat_s
+        self._beats_stop = threading.Event()
+        self._beats: threading.Thread | None = None
+        self._requeue_job_id: str | None = None
+        self.push_exc_handler(self._sort_failure)
+
+    # -- heartbeats ---------------------------------------------------------------------------
+
+    def get_heartbeat_ttl(self, job: Job, working_time: float = 0.0) -> int:
+        return ABANDON_AFTER_BEATS * self.heartbeat_s
+
+    def execute_job(self, job: Job, queue: Queue) -> None:
+        execution = self.prepare_execution(job)
+        self._start_beats(job, execution)
+        try:
+            self.perform_job(job, queue, execution)
+        finally:
+            self._stop_beats()
+        self.set_state(WorkerStatus.IDLE)
+
+    def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
+        # The job has returned or raised: stop beating before RQ removes its execution records,
+        # so a late beat cannot recreate them.
+        self._stop_beats()
+        super().handle_execution_ended(job, queue, heartbeat_ttl)
+
+    def _start_beats(self, job: Job, execution) -> None:
+        self._beats_stop.clear()
+        self._beats = threading.Thread(
+            target=self._beat, args=(job, execution), name=f"heartbeat-{job.id[:8]}", daemon=True
+        )
+        self._beats.start()
+
+    def _stop_beats(self) -> None:
+        self._beats_stop.set()
+        if self._beats is not None and self._beats is not threading.current_thread():
+            self._beats.join(timeout=10)
+        self._beats = None
+
+    def _beat(self, job: Job, execution) -> None:
+        while not self._beats_stop.wait(self.heartbeat_s):
+            try:
+                self.maintain_heartbeats(job, execution)
+            except redis.exceptions.RedisError as exc:  # the next beat tries again
+                self.log.warning("Worker %s: heartbeat of job %s failed: %s", self.name, job.id, exc)
+
+    # -- shutdown, cancel, failures -----------------------------------------------------------
+
+    def handle_warm_shutdown_request(self) -> None:
+        super().handle_warm_shutdown_request()
+        from oal_synth.synthesis import request_stop  # imported here: the module loads torch
+
+        request_stop()
+
+    def _sort_failure(self, job: Job, exc_type, exc_value, traceback) -> bool:
+        """Exception handler: decide stop / requeue / fail-now, and record the error for the API."""
+        if isinstance(exc_value, JobCanceled):
+            self._stopped_job_id = job.id  # RQ then marks it STOPPED and never retries it
+        elif isinstance(exc_value, JobInterrupted):
+            self._requeue_job_id = job.id
+            return True
+        elif isinstance(exc_value, PERMANENT_ERRORS):
+            job.retries_left = 0
+        code = "canceled" if isinstance(exc_value, JobCanceled) else (exc_type.__name__ if exc_type else "error")
+        job.meta["error"] = {"code": code, "message": str(exc_value)}
+        try:
+            job.save_meta()
+        except redis.exceptions.RedisError as exc:
+            self.log.warning("Worker %s: could not record the error of job %s: %s", self.name, job.id, exc)
+        return True
+
+    def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string="", execution=None):
+        if self._requeue_job_id != job.id:
+            return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
+        self._requeue_job_id = None
+        # Queued first, execution records removed second: should this process die in between, the
+        # stale registry entry finds the job queued (not started) and leaves it alone.
+        queue.enqueue_job(job, at_front=True)
+        with self.connection.pipeline() as pipeline:
+            self.cleanup_execution(job, pipeline=pipeline, execution=execution)
+            pipeline.execute()
+        self.log.info("Worker %s: job %s put back in %s; it resumes on the next worker", self.name, job.id, queue.name)
+
+
+# ---------------------------------------------------------------------------- running one
+
+
+def wait_for_redis(connection: Redis, max_wait_s: float | None = None) -> None:
+    """Block until Redis answers PING, logging each failed try; ConnectionError after `max_wait_s`."""
+    started, pause, attempt = time.monotonic(), 0.5, 1
+    while True:
+        try:
+            connection.ping()
+            if attempt > 1:
+                logger.info("Redis answers after %d attempts", attempt)
+            return
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            waited = time.monotonic() - started
+            if max_wait_s is not None and waited + pause > max_wait_s:
+                raise redis.exceptions.ConnectionError(
+                    f"Redis did not answer within {max_wait_s:.0f} s ({attempt} attempts): {exc}"
+                ) from exc
+            logger.warning(
+                "Redis not reachable (attempt %d, %.0f s so far): %s; retrying in %.1f s",
+                attempt,
+                waited,
+                exc,
+                pause,
+            )
+            time.sleep(pause)
+            pause, attempt = min(pause * 2, REDIS_WAIT_MAX_PAUSE_S), attempt + 1
+
+
+def run_worker(
+    settings: Settings,
+    queue_names: Sequence[str] | None = None,
+    burst: bool = False,
+    heartbeat_s: int = DEFAULT_HEARTBEAT_S,
+    maintenance_s: int = DEFAULT_MAINTENANCE_S,
+    redis_wait_s: float | None = None,
+    logging_level: str = "INFO",
+) -> bool:
+    """Work on the synthesis queue(s) until stopped (or, with `burst`, until they are empty).
+
+    Returns whether any job was processed.
+    """
+    if settings.torch_threads > 0:
+        import torch
+
+        torch.set_num_threads(settings.torch_threads)
+    # Import the job's code now, not at the first job: import errors show at start-up, and the
+    # first job does not pay seconds of imports. No CUDA is touched here.
+    from diffusers import StableDiffusionPipeline  # noqa: F401 - every generator kind loads through it
+
+    from oal_synth.synthesis import clear_stop_request
+
+    clear_stop_request()
+    connection = connect(settings)
+    wait_for_redis(connection, redis_wait_s)
+    queues = [synthesis_queue(connection, settings, name) for name in (queue_names or [settings.queue_name])]
+    worker = SynthesisWorker(queues, connection=connection, heartbeat_s=heartbeat_s, maintenance_interval=maintenance_s)
+    # Retries with an interval are scheduled jobs, which need RQ's scheduler; it forks now, before
+    # any job could initialise CUDA.
+    with_scheduler = retry_interval_s(settings) > 0
+    logger.info(
+        "Worker %s: listening on %s (burst=%s, heartbeat %d s)",
+        worker.name,
+        ", ".join(q.name for q in queues),
+        burst,
+        heartbeat_s,
+    )
+    return worker.work(burst=burst, logging_level=logging_level, with_scheduler=with_scheduler)
