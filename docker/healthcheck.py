@@ -48,6 +48,7 @@ def check_worker() -> tuple[bool, str]:
     from redis import Redis
     from redis.exceptions import RedisError
     from rq import Queue, Worker
+    from rq.serializers import JSONSerializer
 
     from oal_shared.settings import Settings
 
@@ -57,7 +58,7 @@ def check_worker() -> tuple[bool, str]:
         connection = Redis.from_url(
             settings.redis_url, socket_timeout=HTTP_TIMEOUT_S, socket_connect_timeout=HTTP_TIMEOUT_S
         )
-        workers = Worker.all(queue=Queue(settings.queue_name, connection=connection))
+        workers = Worker.all(queue=Queue(settings.queue_name, connection=connection, serializer=JSONSerializer))
     except RedisError as exc:
         return False, f"Redis at OAL_REDIS_URL={settings.redis_url} did not answer: {exc}"
     local = [w for w in workers if w.hostname == hostname]

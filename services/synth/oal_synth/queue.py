@@ -117,6 +117,22 @@ def enqueue_synthesis(queue: Queue, spec: JobSpec, settings: Settings, job_id: s
     return job
 
 
+def enqueue_within_limit(queue: Queue, spec: JobSpec, settings: Settings) -> Job | None:
+    """Enqueue unless that leaves more than `settings.max_queued_jobs` waiting; None when the queue is full.
+
+    Counting before enqueueing lets concurrent submissions past the limit together. Redis orders the
+    pushes, so a job's position right after its own push is exact: one that landed at or beyond the
+    limit is deleted again before its id is handed out. (No position: a worker took it already.)
+    """
+    job = enqueue_synthesis(queue, spec, settings)
+    position = queue.get_job_position(job.id)
+    if position is not None and position >= settings.max_queued_jobs:
+        job.delete()
+        logger.info("job %s withdrawn: it landed at position %d of %s, over the limit", job.id, position, queue.name)
+        return None
+    return job
+
+
 def fetch_job(connection: Redis, job_id: str) -> Job:
     """The RQ job `job_id`; JobNotFoundError when the id is malformed, unknown or expired."""
     if not JOB_ID_PATTERN.match(job_id):

@@ -43,6 +43,7 @@ _UPLOAD_BODY = {
     openapi_extra=_UPLOAD_BODY,
     responses={
         200: {"model": EmbeddingSetOut, "description": "An identical set was stored before (same id)"},
+        400: {"model": ErrorOut, "description": "Malformed multipart body"},
         401: {"model": ErrorOut},
         413: {"model": ErrorOut, "description": "Body larger than OAL_MAX_BODY_BYTES"},
         415: {"model": ErrorOut},

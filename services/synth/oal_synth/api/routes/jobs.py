@@ -14,7 +14,7 @@ from oal_synth.api.routes.generators import find_generator
 from oal_synth.api.schemas import ErrorOut, JobOut
 from oal_synth.generators.registry import GeneratorNotFoundError
 from oal_synth.queue import (
-    enqueue_synthesis,
+    enqueue_within_limit,
     fetch_job,
     job_status,
     job_view,
@@ -31,7 +31,9 @@ router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 KINDS_THAT_EMBED_IMAGES = ("embedded",)
 
 _ERRORS = {
+    400: {"model": ErrorOut, "description": "The body cannot be decoded (JSON that is not UTF-8)"},
     401: {"model": ErrorOut, "description": "OAL_API_TOKEN is set and the bearer token is missing or wrong"},
+    413: {"model": ErrorOut, "description": "Body larger than OAL_MAX_BODY_BYTES"},
     422: {"model": ErrorOut, "description": "The spec is invalid; `error.field` names the field"},
     429: {"model": ErrorOut, "description": "Too many queued jobs; retry after `Retry-After` seconds"},
     503: {"model": ErrorOut, "description": "Redis is unreachable; retry after `Retry-After` seconds"},
@@ -55,7 +57,9 @@ def submit_job(
     metrics: MetricsDep,
 ) -> dict:
     check_spec(spec, settings, store)
-    if queued_count(queue) >= settings.max_queued_jobs:
+    # The count spares the queue a push when it is clearly full; enqueue_within_limit is exact.
+    job = enqueue_within_limit(queue, spec, settings) if queued_count(queue) < settings.max_queued_jobs else None
+    if job is None:
         raise APIError(
             429,
             "queue_full",
@@ -63,7 +67,6 @@ def submit_job(
             f"retry in {QUEUE_FULL_RETRY_AFTER_S} s",
             headers={"Retry-After": str(QUEUE_FULL_RETRY_AFTER_S)},
         )
-    job = enqueue_synthesis(queue, spec, settings)
     metrics.count_job_submitted()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(job)
