@@ -1,0 +1,192 @@
+"""`oal-train`: fit a recipe into a run dir, re-evaluate a run, compare runs.
+
+    oal-train fit --recipe oal --out runs/oal --preset demo --set teacher_run=runs/teacher ...
+    oal-train eval runs/oal
+    oal-train report runs/ce runs/oal --out runs
+    oal-train config --recipe oal --preset demo       (print the resolved config)
+
+Under torchrun: `torchrun --nproc_per_node 2 -m oal_trainer.cli fit ...`; only rank 0 logs.
+Exit codes: 0 done, 1 a data/shard/checkpoint error, 2 a usage or config error, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.text import Text
+
+from oal_shared.errors import ConfigError, OALError
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Train and evaluate OOD classifiers (OAL).")
+err_console = Console(stderr=True)
+out_console = Console()
+
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+
+def _is_main_rank() -> bool:
+    return os.environ.get("RANK", "0") == "0"
+
+
+def _print_error(exc: Exception) -> None:
+    # Text, not markup: messages hold brackets (lists, shapes) that rich would read as tags.
+    err_console.print(Text("error: ", style="bold red") + Text(str(exc)), highlight=False, soft_wrap=True)
+
+
+def cli_errors(command):
+    """Turn the errors a person can act on into one line on stderr and an exit code, no traceback."""
+
+    @functools.wraps(command)
+    def wrapper(*args, **kwargs):
+        try:
+            return command(*args, **kwargs)
+        except ConfigError as exc:
+            _print_error(exc)
+            raise typer.Exit(EXIT_USAGE) from exc
+        except OALError as exc:
+            _print_error(exc)
+            raise typer.Exit(EXIT_ERROR) from exc
+        except KeyboardInterrupt as exc:
+            err_console.print("interrupted; `oal-train fit` with the same --out resumes from the last epoch")
+            raise typer.Exit(EXIT_INTERRUPTED) from exc
+
+    return wrapper
+
+
+class ProgressBar:
+    """FitHooks that draw a tqdm bar with the loss and samples/s (rank 0, terminals only)."""
+
+    def __init__(self, description: str):
+        self.description = description
+        self.bar = None
+
+    def on_start(self, start_step: int, total_steps: int) -> None:
+        from tqdm.auto import tqdm
+
+        self.bar = tqdm(total=total_steps, initial=start_step, desc=self.description, unit="step", disable=None)
+
+    def on_step(self, info) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_postfix(loss=f"{info.losses['loss']:.4f}", lr=f"{info.lr:.2e}", sps=f"{info.samples_per_s:.0f}")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+RecipeOption = Annotated[str, typer.Option("--recipe", "-r", help="ce, kd, oal, oal-energy or pixel-oe.")]
+OutOption = Annotated[Path, typer.Option("--out", "-o", help="Run directory (resumed if it holds a checkpoint).")]
+ConfigOption = Annotated[Path | None, typer.Option("--config", help="JSON file of config keys.")]
+SetOption = Annotated[list[str] | None, typer.Option("--set", help="key=value override; repeatable.")]
+PresetOption = Annotated[str | None, typer.Option("--preset", help="smoke, demo or full.")]
+
+
+@app.command()
+@cli_errors
+def fit(
+    recipe: RecipeOption,
+    out: OutOption,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    preset: PresetOption = None,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (terminals only).")] = True,
+) -> None:
+    """Train a recipe into --out, then evaluate it there."""
+    from oal_trainer.evaluate import metrics_table
+    from oal_trainer.fit import FitHooks
+    from oal_trainer.fit import fit as run_fit
+    from oal_trainer.recipes import resolve_config
+
+    train_config = resolve_config(recipe, preset, config, set_ or [])
+    bar = ProgressBar(f"{recipe} ({out.name})") if progress and _is_main_rank() else None
+    hooks = FitHooks(on_start=bar.on_start, on_step=bar.on_step) if bar else FitHooks()
+    try:
+        result = run_fit(train_config, out, hooks=hooks)
+    finally:
+        if bar:
+            bar.close()
+    if result.metrics is not None:
+        out_console.print(metrics_table(result.metrics))
+        out_console.print(f"run dir: {out}")
+
+
+@app.command("eval")
+@cli_errors
+def eval_run(
+    run_dir: Annotated[Path, typer.Argument(help="A finished run dir (config.json + model.safetensors).")],
+    eval_subset: Annotated[int | None, typer.Option(help="Images per set; default: the run's own.")] = None,
+) -> None:
+    """Load a run's model and config and re-run its evaluation (overwrites metrics.json and friends)."""
+    from oal_shared.data.benchmark import load_benchmark
+    from oal_trainer.checkpoint import CONFIG_FILE
+    from oal_trainer.distributed import resolve_device
+    from oal_trainer.evaluate import metrics_table
+    from oal_trainer.fit import evaluate_run
+    from oal_trainer.recipes import load_config
+    from oal_trainer.teacher import load_run_model
+
+    config_path = run_dir / CONFIG_FILE
+    if not config_path.is_file():
+        raise ConfigError(f"run dir {run_dir}: no {CONFIG_FILE}; is it a run dir?")
+    config = load_config(config_path)
+    if eval_subset is not None:
+        config = config.model_copy(update={"eval_subset": eval_subset})
+    benchmark = load_benchmark(config.benchmark)
+    loaded = load_run_model(run_dir, "run dir", benchmark.num_classes, benchmark.in_channels)
+    metrics, _ = evaluate_run(loaded.model, benchmark, config, resolve_device(config.device), run_dir)
+    out_console.print(metrics_table(metrics))
+
+
+@app.command()
+@cli_errors
+def report(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Finished run dirs to compare.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write report.md and report.png here.")] = None,
+    scorer: Annotated[str, typer.Option(help="Which OOD score to compare.")] = "energy",
+) -> None:
+    """Put runs side by side: report.md (table) and report.png (bars)."""
+    from oal_trainer.report import build_report
+
+    result = build_report(run_dirs, out, scorer=scorer)
+    out_console.print(result.markdown, markup=False, highlight=False)
+    for path in result.paths.values():
+        out_console.print(f"wrote {path}")
+
+
+@app.command("config")
+@cli_errors
+def show_config(
+    recipe: RecipeOption,
+    config: ConfigOption = None,
+    set_: SetOption = None,
+    preset: PresetOption = None,
+) -> None:
+    """Print the resolved config as JSON (what `fit` would record in config.json)."""
+    from oal_trainer.recipes import resolve_config
+
+    resolved = resolve_config(recipe, preset, config, set_ or [])
+    out_console.print_json(json.dumps(resolved.model_dump(mode="json")))
+
+
+def main() -> None:
+    level = logging.INFO if _is_main_rank() else logging.WARNING
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    app()
+
+
+if __name__ == "__main__":
+    main()

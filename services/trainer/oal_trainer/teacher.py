@@ -1,0 +1,152 @@
+"""The frozen teacher: loaded from a finished `ce` run dir, and its outputs cached per training image.
+
+KD needs the teacher's logits z_t and penultimate features h_t for the image the student sees. Two
+ways, chosen by `teacher_mode`:
+- "cache" (default for the fine-tuning recipes): one pass over the un-augmented training images,
+  stored as safetensors under a key that hashes the teacher's weights (sha256 of model.safetensors),
+  the exact input tensor and the model name; a changed teacher or data set never reads a stale cache.
+  Valid only when the student also sees un-augmented images (the config refuses augment + cache).
+- "live": the teacher runs on every (augmented) batch; MACHINE-NOTES measured 3x slower steps.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from oal_shared.errors import ConfigError
+from oal_trainer.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    CheckpointError,
+    atomic_write,
+    load_weights,
+    read_safetensors,
+    sha256_file,
+)
+from oal_trainer.models import build_model
+
+logger = logging.getLogger(__name__)
+
+CACHE_SCHEMA_VERSION = "1"
+
+
+@dataclass(frozen=True, eq=False)
+class LoadedRun:
+    """A finished run's model in eval mode, with what identifies it."""
+
+    run_dir: Path
+    model: nn.Module
+    model_name: str
+    recipe: str
+    weights_sha256: str
+
+
+def load_run_model(run_dir: Path, field: str, num_classes: int, in_channels: int) -> LoadedRun:
+    """The model of a finished run dir (config.json + model.safetensors); errors name `field` and the path."""
+    run_dir = Path(run_dir)
+    config_path, weights_path = run_dir / CONFIG_FILE, run_dir / MODEL_FILE
+    if not run_dir.is_dir():
+        raise ConfigError(f"{field}: {run_dir} is not a directory (expected a finished run dir)")
+    for path in (config_path, weights_path):
+        if not path.is_file():
+            raise ConfigError(f"{field}: {run_dir} holds no {path.name}; is that run finished?")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{field}: {config_path} is not valid JSON ({exc})") from exc
+    model_name = config.get("model")
+    if not isinstance(model_name, str):
+        raise ConfigError(f"{field}: {config_path} names no model")
+    model = build_model(model_name, num_classes, in_channels)
+    try:
+        load_weights(model, weights_path)
+    except CheckpointError as exc:
+        raise ConfigError(f"{field}: {exc}") from exc
+    model.eval()
+    return LoadedRun(run_dir, model, model_name, str(config.get("recipe", "")), sha256_file(weights_path))
+
+
+def load_teacher(run_dir: Path, num_classes: int, in_channels: int) -> LoadedRun:
+    teacher = load_run_model(run_dir, "teacher_run", num_classes, in_channels)
+    for param in teacher.model.parameters():
+        param.requires_grad_(False)
+    if teacher.recipe and teacher.recipe != "ce":
+        logger.warning("Teacher run %s was trained with recipe %r, not ce", run_dir, teacher.recipe)
+    return teacher
+
+
+@dataclass(frozen=True, eq=False)
+class TeacherOutputs:
+    """Teacher logits and features for every training image, row-aligned with the IDTrainSet."""
+
+    logits: torch.Tensor  # (N, K)
+    features: torch.Tensor  # (N, D_t)
+    key: str
+
+
+def cache_key(teacher: LoadedRun, images: torch.Tensor) -> str:
+    digest = hashlib.sha256()
+    digest.update(f"v{CACHE_SCHEMA_VERSION}/{teacher.model_name}/{teacher.weights_sha256}/".encode())
+    digest.update(str(tuple(images.shape)).encode())
+    digest.update(images.contiguous().numpy().tobytes())
+    return digest.hexdigest()
+
+
+@torch.inference_mode()
+def compute_teacher_outputs(
+    model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device, channels_last: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    logits, features = [], []
+    for start in range(0, images.shape[0], batch_size):
+        x = images[start : start + batch_size].to(device)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        z, h = model(x, return_feature=True)  # (B, K), (B, D_t)
+        logits.append(z.float().cpu())
+        features.append(h.float().cpu())
+    return torch.cat(logits), torch.cat(features)
+
+
+def cached_teacher_outputs(
+    teacher: LoadedRun,
+    images: torch.Tensor,
+    cache_dir: Path,
+    *,
+    batch_size: int,
+    device: torch.device,
+    channels_last: bool,
+    write: bool = True,
+) -> TeacherOutputs:
+    """Teacher outputs for `images` (N, C, H, W), read from the cache or computed and stored there.
+
+    `write=False` (non-zero ranks) only reads: rank 0 writes the file before the others look.
+    """
+    key = cache_key(teacher, images)
+    path = Path(cache_dir) / f"teacher-{key[:32]}.safetensors"
+    if path.is_file():
+        try:
+            tensors, metadata = read_safetensors(path)
+            if metadata.get("key") == key:
+                logger.info("Teacher outputs read from cache %s", path)
+                return TeacherOutputs(tensors["logits"], tensors["features"], key)
+            logger.warning("Teacher cache %s has another key; recomputing", path)
+        except CheckpointError as exc:
+            logger.warning("Teacher cache unreadable (%s); recomputing", exc)
+    model = teacher.model.to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    logger.info("Computing teacher outputs for %d images (cache key %s)", images.shape[0], key[:12])
+    logits, features = compute_teacher_outputs(model, images, batch_size, device, channels_last)
+    if write:
+        tensors = {"logits": logits.contiguous(), "features": features.contiguous()}
+        metadata = {"key": key, "teacher_run": str(teacher.run_dir), "model": teacher.model_name}
+        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    return TeacherOutputs(logits, features, key)

@@ -1,0 +1,238 @@
+"""The fit loop end to end on tiny slices: every recipe, exact repeats, resume, bad shards, the teacher cache."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from oal_shared.errors import ConfigError, ShardError
+from oal_shared.settings import Settings
+from oal_trainer.checkpoint import (
+    CheckpointError,
+    TrainingState,
+    load_checkpoint,
+    save_checkpoint,
+    sha256_file,
+)
+from oal_trainer.fit import FitHooks, cosine_factor, fit
+from oal_trainer.models import build_model
+from oal_trainer.recipes import RECIPES
+from oal_trainer.teacher import LoadedRun, cached_teacher_outputs
+from tests.utils.trainer_runs import tiny_config, write_test_shards, write_tiny_vae
+
+torch.set_num_threads(1)
+
+RUN_FILES = (
+    "config.json",
+    "model.safetensors",
+    "run.json",
+    "metrics.json",
+    "scores.csv",
+    "results.csv",
+    "roc.png",
+    "score_hist.png",
+)
+# Loss terms each recipe must log: proof that its weights reach the loop.
+RECIPE_TERMS = {
+    "ce": {"ce"},
+    "kd": {"ce", "logit_kd", "feature_kd"},
+    "oal": {"ce", "logit_kd", "feature_kd", "club_emb", "club_latent", "club_emb_q", "club_latent_q"},
+    "oal-energy": {"ce", "logit_kd", "feature_kd", "club_emb", "club_latent", "club_emb_q", "club_latent_q", "energy"},
+    "pixel-oe": {"ce", "oe", "energy"},
+}
+
+
+@dataclass(frozen=True)
+class World:
+    root: Path
+    settings: Settings
+    shards: Path
+    teacher: Path
+    ce: Path
+    student_inputs: dict
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    root = tmp_path_factory.mktemp("fit")
+    settings = Settings(artifact_dir=root / "artifacts", torch_threads=1)
+    shards = write_test_shards(root / "shards", num_shards=2, per_shard=24)
+    generator = write_tiny_vae(root / "generator")
+    fit(tiny_config("ce", seed=1), root / "teacher", settings=settings)
+    fit(tiny_config("ce"), root / "ce", settings=settings)
+    inputs = {"teacher_run": root / "teacher", "init_from": root / "ce", "shards": shards, "generator_dir": generator}
+    return World(root, settings, shards, root / "teacher", root / "ce", inputs)
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "model.safetensors"))
+
+
+def _same_weights(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _logged_terms(run_dir: Path) -> set[str]:
+    lines = (run_dir / "train_log.jsonl").read_text().splitlines()
+    return set(json.loads(lines[-1])) - {"epoch", "step", "lr", "samples_per_s", "loss"}
+
+
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_each_recipe_writes_a_complete_run_dir(world, recipe):
+    run_dir = world.ce if recipe == "ce" else world.root / recipe
+    if recipe != "ce":
+        fit(tiny_config(recipe, **world.student_inputs), run_dir, settings=world.settings)
+    for name in RUN_FILES:
+        assert (run_dir / name).is_file(), f"{recipe}: {name} missing"
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["recipe"] == recipe
+    assert _logged_terms(run_dir) == RECIPE_TERMS[recipe]
+    metrics = json.loads((run_dir / "metrics.json").read_text())
+    assert 0.0 <= metrics["id_accuracy"] <= 1.0
+    assert metrics["datasets"]["fmnist-id-test"]["num_images"] == 48
+    info = json.loads((run_dir / "run.json").read_text())
+    assert info["steps"] == 4 and info["train_images"] == 128
+    if recipe != "ce":
+        assert info["init_from"]["weights_sha256"] == sha256_file(world.ce / "model.safetensors")
+        assert not _same_weights(_weights(run_dir), _weights(world.ce)), "fine-tuning changed nothing"
+    if recipe in ("oal", "oal-energy", "pixel-oe"):
+        assert info["outliers"]["batches"] == 4 and info["outliers"]["latent_shape"] == [4, 8, 8]
+
+
+def test_same_seed_gives_identical_weights_and_another_seed_does_not(world):
+    config = tiny_config("oal", epochs=2, evaluate=False, **world.student_inputs)
+    first = fit(config, world.root / "repeat-a", settings=world.settings)
+    fit(config, world.root / "repeat-b", settings=world.settings)
+    assert first.steps == 8
+    assert _same_weights(_weights(world.root / "repeat-a"), _weights(world.root / "repeat-b"))
+    other = config.model_copy(update={"seed": 7})
+    fit(other, world.root / "repeat-c", settings=world.settings)
+    assert not _same_weights(_weights(world.root / "repeat-a"), _weights(world.root / "repeat-c"))
+
+
+class Killed(Exception):
+    """Stands in for a process killed mid-epoch."""
+
+
+def test_an_interrupted_run_resumes_from_its_last_epoch_and_matches(world):
+    config = tiny_config("oal", epochs=2, evaluate=False, **world.student_inputs)
+    reference = world.root / "resume-reference"
+    fit(config, reference, settings=world.settings)
+    run_dir = world.root / "resume"
+
+    def kill_in_second_epoch(info):
+        if info.step == 6:  # 4 steps per epoch: two steps into epoch 2
+            raise Killed
+
+    with pytest.raises(Killed):
+        fit(config, run_dir, settings=world.settings, hooks=FitHooks(on_step=kill_in_second_epoch))
+    assert (run_dir / "checkpoints" / "last.safetensors").is_file()
+    assert not (run_dir / "model.safetensors").exists()
+
+    changed = config.model_copy(update={"lr": 0.123})
+    with pytest.raises(CheckpointError, match="lr: 0.005 -> 0.123"):
+        fit(changed, run_dir, settings=world.settings)
+
+    steps_seen = []
+    resumed = fit(config, run_dir, settings=world.settings, hooks=FitHooks(on_step=lambda i: steps_seen.append(i.step)))
+    assert steps_seen == [5, 6, 7, 8], "resumes at the start of epoch 2"
+    assert resumed.steps == 8
+    assert _same_weights(_weights(run_dir), _weights(reference))
+
+
+def test_a_finished_run_dir_is_not_trained_over(world):
+    with pytest.raises(ConfigError, match="already holds a finished run"):
+        fit(tiny_config("ce"), world.ce, settings=world.settings)
+
+
+def test_init_from_a_run_of_another_architecture_is_refused(world):
+    with pytest.raises(ConfigError, match="init_from: .* holds a 'resnet_tiny' model"):
+        fit(tiny_config("ce", model="resnet_small", init_from=world.ce), world.root / "x", settings=world.settings)
+
+
+def test_init_from_a_missing_run_is_named(world):
+    with pytest.raises(ConfigError, match="init_from: .*nowhere is not a directory"):
+        fit(tiny_config("ce", init_from=world.root / "nowhere"), world.root / "y", settings=world.settings)
+
+
+def _broken_copy(shards: Path, dest: Path) -> Path:
+    shutil.copytree(shards, dest)
+    tar = dest / "outliers-000001.tar"
+    tar.write_bytes(tar.read_bytes()[:3000])
+    return dest
+
+
+def test_a_bad_shard_stops_the_run_naming_it(world):
+    inputs = {**world.student_inputs, "shards": _broken_copy(world.shards, world.root / "bad-shards")}
+    with pytest.raises(ShardError, match="outliers-000001.tar"):
+        fit(tiny_config("oal", evaluate=False, **inputs), world.root / "bad-raise", settings=world.settings)
+
+
+def test_a_bad_shard_is_skipped_and_counted_when_asked(world):
+    inputs = {**world.student_inputs, "shards": _broken_copy(world.shards, world.root / "bad-shards-2")}
+    config = tiny_config("oal", evaluate=False, on_bad_shard="skip", **inputs)
+    fit(config, world.root / "bad-skip", settings=world.settings)
+    outliers = json.loads((world.root / "bad-skip" / "run.json").read_text())["outliers"]
+    assert outliers["skipped"] >= 1 and "outliers-000001.tar" in outliers["errors"][0]
+    assert outliers["batches"] == 4
+
+
+def test_teacher_cache_is_reused_and_keyed_by_the_weights(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet_tiny", 6, 1).eval()
+    images = torch.randn(10, 1, 28, 28)
+    teacher = LoadedRun(tmp_path, model, "resnet_tiny", "ce", weights_sha256="a" * 64)
+    kwargs = {"batch_size": 4, "device": torch.device("cpu"), "channels_last": False}
+    first = cached_teacher_outputs(teacher, images, tmp_path / "cache", **kwargs)
+    (cache_file,) = (tmp_path / "cache").iterdir()
+    with torch.no_grad():
+        logits, features = model(images, return_feature=True)
+    torch.testing.assert_close(first.logits, logits)
+    torch.testing.assert_close(first.features, features)
+
+    model.head.weight.data.zero_()  # same key: the cache answers, not the changed model
+    again = cached_teacher_outputs(teacher, images, tmp_path / "cache", **kwargs)
+    torch.testing.assert_close(again.logits, first.logits)
+
+    retrained = LoadedRun(tmp_path, model, "resnet_tiny", "ce", weights_sha256="b" * 64)
+    fresh = cached_teacher_outputs(retrained, images, tmp_path / "cache", **kwargs)
+    assert fresh.key != first.key
+    assert torch.count_nonzero(fresh.logits - model.head.bias) == 0, "new weights, new outputs"
+    assert len(list((tmp_path / "cache").iterdir())) == 2 and cache_file.exists()
+
+
+def test_checkpoint_restores_weights_and_optimizer_state(tmp_path):
+    torch.manual_seed(0)
+    model = build_model("resnet_tiny", 6, 1)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
+    torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.tensor([0, 1, 2, 3])).backward()
+    optimizer.step()
+    path = save_checkpoint(
+        tmp_path / "last.safetensors", {"m": model}, {"sgd": optimizer}, TrainingState(3, 42), {"lr": 0.1}
+    )
+
+    torch.manual_seed(1)
+    fresh = build_model("resnet_tiny", 6, 1)
+    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.5, momentum=0.9, nesterov=True)
+    state = load_checkpoint(path, {"m": fresh}, {"sgd": fresh_optimizer}, {"lr": 0.1})
+    assert state == TrainingState(3, 42)
+    assert _same_weights(model.state_dict(), fresh.state_dict())
+    assert fresh_optimizer.param_groups[0]["lr"] == 0.1
+    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
+        assert torch.equal(optimizer.state[p]["momentum_buffer"], fresh_optimizer.state[q]["momentum_buffer"])
+    with pytest.raises(CheckpointError, match="lr: 0.1 -> 0.2"):
+        load_checkpoint(path, {"m": fresh}, {"sgd": fresh_optimizer}, {"lr": 0.2})
+
+
+def test_cosine_schedule_warms_up_then_decays_to_the_floor():
+    assert cosine_factor(0, 100, warmup_steps=10, min_ratio=0.0) == pytest.approx(0.1)
+    assert cosine_factor(9, 100, warmup_steps=10, min_ratio=0.0) == pytest.approx(1.0)
+    assert cosine_factor(10, 100, warmup_steps=10, min_ratio=0.0) == pytest.approx(1.0)
+    assert cosine_factor(55, 100, warmup_steps=10, min_ratio=0.0) == pytest.approx(0.5)
+    assert cosine_factor(100, 100, warmup_steps=0, min_ratio=0.1) == pytest.approx(0.1)
