@@ -94,10 +94,10 @@ def main() -> None:
     Console().print(table)
     Console().print(f"decode alone: {decode_s:.3f} s ({decode_s / (latent_s + decode_s):.1%} of latent + decode); "
                     f"images {tuple(images.shape)}")  # fmt: skip
-    if args.grid:
-        quality_check(generator, benchmark, es, outliers, args)
+    check = quality_check(generator, benchmark, es, outliers, args) if args.grid else None
     if args.json:
         args.json.write_text(json.dumps({
+            "classifier_check": check,
             "outliers": count, "steps": args.steps, "guidance": args.guidance, "scheduler": args.scheduler,
             "batch_size": args.batch_size, "device": device, "threads": args.threads, "latent_s": latent_s,
             "decode_s": decode_s, "latent_per_s": latent_rate, "with_decode_per_s": full_rate,
@@ -109,7 +109,7 @@ def to_uint8(images: torch.Tensor) -> np.ndarray:
     return (images[:, 0].clamp(0, 1) * 255).round().to(torch.uint8).numpy()
 
 
-def quality_check(generator: EmbeddedGenerator, benchmark, es: EmbeddingSet, outliers, args) -> None:
+def quality_check(generator: EmbeddedGenerator, benchmark, es: EmbeddingSet, outliers, args) -> dict:
     """Grid of real / VAE reconstruction / ID-conditioned / outlier-conditioned images, and the
     classifier check: the condition encoder's class and confidence on each kind of decoded image."""
     from PIL import Image
@@ -159,7 +159,7 @@ def quality_check(generator: EmbeddedGenerator, benchmark, es: EmbeddingSet, out
         table.add_row(kind, f"{accuracy:.3f}", f"{confidence:.3f}")
     Console().print(table)
     Console().print(f"grid written to {args.grid} (rows: classes; blocks: real, reconstruction, ID, outlier)")
-    args.grid.with_suffix(".json").write_text(json.dumps(report, indent=2))
+    return report
 
 
 if __name__ == "__main__":

@@ -29,18 +29,23 @@ from oal_synth.generators.registry import (
     load_generator,
     resolve_generator_path,
 )
-from oal_synth.generators.stable_diffusion import StableDiffusionGenerator
+from oal_synth.generators.stable_diffusion import StableDiffusionGenerator, register_stable_diffusion
 from oal_synth.generators.tiny_random import TINY_HIDDEN, TINY_RANDOM_ID
 from oal_synth.spec import SCHEDULERS, DiffusionConfig
-from tests.utils.tiny_sd import limit_threads, smoke_generator_folder, tiny_sd_folder
+from tests.utils.tiny_sd import smoke_generator_folder, tiny_model_runtime, tiny_sd_folder
 
 FAST = DiffusionConfig(steps=3, guidance_scale=3.0)
 SD_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Sneaker", "Bag")
 
 
+@pytest.fixture(autouse=True)
+def _tiny_model_kernels():
+    with tiny_model_runtime():
+        yield
+
+
 @pytest.fixture(scope="module")
 def tiny_sd(tmp_path_factory) -> StableDiffusionGenerator:
-    limit_threads()
     return StableDiffusionGenerator.from_pretrained(tiny_sd_folder(tmp_path_factory.getbasetemp()), device="cpu")
 
 
@@ -249,7 +254,6 @@ def test_registry_lists_generators_without_importing_torch(oal_env, tmp_path_fac
 
 def test_load_generator_builds_tiny_random_once_and_caches_it(oal_env):
     clear_generator_cache()
-    limit_threads()
     first = load_generator(TINY_RANDOM_ID, oal_env, device="cpu")
     assert isinstance(first, StableDiffusionGenerator)
     assert (Path(oal_env.generator_root) / TINY_RANDOM_ID / GENERATOR_INFO_FILE).is_file()
@@ -294,3 +298,14 @@ def test_a_symlink_out_of_the_root_is_not_followed(oal_env, tmp_path_factory):
     assert "fmnist-ldm" not in {info.id for info in list_generators(oal_env)}
     with pytest.raises(GeneratorNotFoundError, match="outside"):
         resolve_generator_path("elsewhere", oal_env)
+
+
+def test_a_stable_diffusion_folder_is_listed_once_registered(oal_env, tmp_path_factory):
+    folder = Path(oal_env.generator_root) / "sd-copy"
+    shutil.copytree(tiny_sd_folder(tmp_path_factory.getbasetemp()), folder)
+    original = read_generator_info(folder)
+    (folder / GENERATOR_INFO_FILE).unlink()
+    assert "sd-copy" not in {info.id for info in list_generators(oal_env)}
+    info = register_stable_diffusion(folder, "sd-copy", class_names=SD_CLASSES)
+    assert (info.kind, info.space, info.content_hash) == ("stable-diffusion", original.space, original.content_hash)
+    assert {i.id: i for i in list_generators(oal_env)}["sd-copy"] == info

@@ -22,7 +22,13 @@ from oal_synth.pretrain import (
     train_condition_encoder,
     with_overrides,
 )
-from tests.utils.tiny_sd import limit_threads, smoke_generator_folder
+from tests.utils.tiny_sd import smoke_generator_folder, tiny_model_runtime
+
+
+@pytest.fixture(autouse=True)
+def _tiny_model_kernels():
+    with tiny_model_runtime():
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -94,7 +100,6 @@ def test_pretrain_report_records_config_losses_and_quality(smoke_folder):
 def test_condition_encoder_pulls_classes_apart():
     # Two separable synthetic "classes" (bright top half vs bright bottom half): a few dozen steps
     # of cos/tau cross-entropy must classify them and leave the class means far apart on the sphere.
-    limit_threads()
     rng = np.random.default_rng(0)
     images = rng.integers(0, 60, size=(128, 28, 28), dtype=np.uint8)
     labels = np.repeat(np.arange(2, dtype=np.int64), 64)

@@ -22,8 +22,13 @@ from oal_synth.sampler import (
     split_evenly,
 )
 from oal_synth.spec import SamplerConfig
+from tests.utils.tiny_sd import tiny_model_runtime
 
-torch.set_num_threads(2)
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    with tiny_model_runtime():
+        yield
 
 
 def naive_knn_distance(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
@@ -256,3 +261,11 @@ def test_boundary_outliers_fields_line_up():
     assert isinstance(out, BoundaryOutliers) and out.class_id == 3
     assert out.embeddings.dtype == torch.float32
     assert len(out.boundary_index) == len(out.knn_distance) == len(out) == SMALL.select * SMALL.keep
+
+
+def test_a_class_smaller_than_k_is_sampled_with_k_clamped_once(caplog):
+    embeddings = clustered_set(num_points=60)
+    with caplog.at_level(logging.WARNING, logger="oal_synth.sampler"):
+        out = sample_class_outliers(embeddings, SamplerConfig(k=300, select=5, n_candidates=40), torch.Generator(), 4)
+    assert caplog.text.count("exceeds") == 1 and "class 4: k=300 exceeds its 60 embeddings" in caplog.text
+    torch.testing.assert_close(knn_distance(out.embeddings, embeddings, 60), out.knn_distance)

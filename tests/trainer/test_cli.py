@@ -117,3 +117,12 @@ def test_the_installed_entry_point_runs():
     assert done.returncode == 0, done.stderr
     for command in ("fit", "eval", "report", "config"):
         assert command in done.stdout
+
+
+def test_set_values_are_typed_by_their_field():
+    config = resolve_config(
+        "ce", overrides=["eval_scorers=energy", "augment=false", "epochs=3", "init_from=null", "shards=/a,b"]
+    )
+    assert config.eval_scorers == ("energy",)
+    assert config.augment is False and config.epochs == 3 and config.init_from is None
+    assert config.shards == "/a,b", "a path with a comma stays one string"

@@ -236,3 +236,13 @@ def test_cosine_schedule_warms_up_then_decays_to_the_floor():
     assert cosine_factor(10, 100, warmup_steps=10, min_ratio=0.0) == pytest.approx(1.0)
     assert cosine_factor(55, 100, warmup_steps=10, min_ratio=0.0) == pytest.approx(0.5)
     assert cosine_factor(100, 100, warmup_steps=0, min_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_pixel_outliers_can_be_decoded_batch_by_batch(world):
+    cache_dir = world.root / "per-step-cache"
+    config = tiny_config(
+        "pixel-oe", pixel_decode="per_step", evaluate=False, cache_dir=cache_dir, **world.student_inputs
+    )
+    fit(config, world.root / "pixel-per-step", settings=world.settings)
+    assert _logged_terms(world.root / "pixel-per-step") == RECIPE_TERMS["pixel-oe"]
+    assert not list(cache_dir.glob("decoded-*")), "nothing decoded ahead of time"

@@ -1,4 +1,4 @@
-"""Build the tiny models of the generator tests once per test session.
+"""Build the tiny models of the generator tests once per test session, and run them cheaply.
 
 Each builder is cached by its folder, and the folder comes from pytest's session base temp, so
 every test module that asks gets the same files and the build runs once.
@@ -6,6 +6,7 @@ every test module that asks gets the same files and the build runs once.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 from pathlib import Path
 
@@ -15,24 +16,39 @@ from oal_shared.settings import Settings
 from oal_synth.generators.tiny_random import build_tiny_random_pipeline
 from oal_synth.pretrain import PretrainConfig, pretrain_embedded_generator
 
-TEST_THREADS = 2  # the CI machine has 2 cores shared with other jobs
+# Measured on the 2-core CI machine while other jobs ran: the generator tests took 26-62 s with
+# 2 torch threads (a parallel region waits for a descheduled twin thread) and 11 s with 1.
+TEST_THREADS = 1
 
 
-def limit_threads() -> None:
+@contextlib.contextmanager
+def tiny_model_runtime():
+    """One torch thread and plain ATen kernels instead of oneDNN, restored afterwards.
+
+    At these sizes oneDNN's per-call setup dominates: a tiny UNet step took 0.1 s without it and
+    over 1 s with it. Scoped, so other tests keep torch's defaults.
+    """
+    threads, mkldnn = torch.get_num_threads(), torch.backends.mkldnn.enabled
     torch.set_num_threads(TEST_THREADS)
+    torch.backends.mkldnn.enabled = False  # (mkldnn.flags() would also touch TF32 and warn)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+        torch.backends.mkldnn.enabled = mkldnn
 
 
 @functools.cache
 def tiny_sd_folder(base: Path) -> Path:
     """The tiny random Stable Diffusion pipeline, saved under `base` (built on first call)."""
-    limit_threads()
-    return build_tiny_random_pipeline(Path(base) / "tiny-sd" / "tiny-random")
+    with tiny_model_runtime():
+        return build_tiny_random_pipeline(Path(base) / "tiny-sd" / "tiny-random")
 
 
 @functools.cache
 def smoke_generator_folder(base: Path) -> Path:
     """The embedded generator pretrained with the "smoke" preset (seconds), under `base`."""
-    limit_threads()
-    return pretrain_embedded_generator(
-        Path(base) / "smoke-ldm" / "fmnist-ldm", Settings(), PretrainConfig.preset("smoke"), progress=False
-    )
+    with tiny_model_runtime():
+        return pretrain_embedded_generator(
+            Path(base) / "smoke-ldm" / "fmnist-ldm", Settings(), PretrainConfig.preset("smoke"), progress=False
+        )

@@ -232,6 +232,12 @@ def _sample(
     """Rounds of fresh candidates until at least `min_count` outliers exist (boundary found once)."""
     _check_class_set(class_embeddings, class_id)
     normed = F.normalize(class_embeddings.float(), dim=1)  # (N, D)
+    if config.k > normed.shape[0]:
+        # Clamp once here, so the warning is logged once per class rather than per candidate block.
+        logger.warning(
+            "class %d: k=%d exceeds its %d embeddings; using k=%d", class_id, config.k, len(normed), len(normed)
+        )
+        config = config.model_copy(update={"k": normed.shape[0]})
     boundary_index = _boundary_indices(normed, config.k, config.select, class_id)  # (S,)
     outliers, origins, distances = [], [], []
     count = 0

@@ -5,9 +5,10 @@ benchmark's mean/std, held in memory (Fashion-MNIST ID train is 36k x 784 floats
 a DataLoader whose order is fixed by (seed, epoch). Augmentation (random crop with padding, flip)
 runs on whole batches with its own (seed, epoch) generator, so an epoch replays exactly on resume.
 
-Outliers: `OutlierStream` reads shards through `oal_shared.shards.outlier_pipeline` (resampled,
-shuffled, split by node and worker); `InMemoryOutliers` loads every sample once. Both hand out
-`OutlierBatch`es of exactly `batch_size` rows, `steps_per_epoch` per epoch, seeded per epoch and rank.
+Outliers: `OutlierStream` reads shards through `oal_shared.shards.outlier_pipeline` (resampled and
+shuffled: every rank and DataLoader worker draws its own seeded stream); `InMemoryOutliers` loads
+every sample once. Both hand out `OutlierBatch`es of exactly `batch_size` rows, `steps_per_epoch`
+per epoch, seeded per epoch and rank.
 """
 
 from __future__ import annotations

@@ -57,7 +57,9 @@ class PixelDecoder:
 
         try:
             self.vae = (
-                AutoencoderKL.from_pretrained(str(vae_dir), local_files_only=True, use_safetensors=True)
+                AutoencoderKL.from_pretrained(
+                    str(vae_dir), local_files_only=True, use_safetensors=True, low_cpu_mem_usage=False
+                )
                 .to(device)
                 .eval()
             )

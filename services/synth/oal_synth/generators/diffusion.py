@@ -13,6 +13,7 @@ unscaled VAE latents, so `denoise` divides by the factor once, here.
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 
 import torch
@@ -22,6 +23,12 @@ from oal_shared.errors import ConfigError
 from oal_synth.spec import SCHEDULERS, DiffusionConfig
 
 logger = logging.getLogger(__name__)
+
+
+def low_cpu_mem_usage() -> bool:
+    """diffusers' memory-saving load needs accelerate (the `gpu` extra); ask for it only when present,
+    which also keeps diffusers from warning on every load without it."""
+    return importlib.util.find_spec("accelerate") is not None
 
 
 def build_scheduler(name: str, base_config: dict):

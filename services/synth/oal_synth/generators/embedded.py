@@ -44,6 +44,7 @@ def load_conditionless_pipeline(folder: Path, dtype: torch.dtype) -> StableDiffu
         dtype=dtype,
         local_files_only=True,
         use_safetensors=True,  # never unpickle a .bin checkpoint
+        low_cpu_mem_usage=stage_c.low_cpu_mem_usage(),
     )
     pipeline.set_progress_bar_config(disable=True)
     return pipeline

@@ -26,7 +26,7 @@ from oal_shared.errors import ConfigError
 from oal_synth.devices import resolve_device, resolve_dtype
 from oal_synth.generators import diffusion as stage_c
 from oal_synth.generators.base import GENERATOR_INFO_FILE, GeneratorInfo
-from oal_synth.generators.files import content_hash, read_generator_info, short_hash
+from oal_synth.generators.files import content_hash, read_generator_info, short_hash, write_generator_info
 from oal_synth.spec import DiffusionConfig
 
 logger = logging.getLogger(__name__)
@@ -86,6 +86,7 @@ class StableDiffusionGenerator:
             requires_safety_checker=False,
             local_files_only=local_files_only,
             use_safetensors=True,  # never unpickle a .bin checkpoint
+            low_cpu_mem_usage=stage_c.low_cpu_mem_usage(),
         )
         pipeline.set_progress_bar_config(disable=True)
         pipeline.to(torch_device)
@@ -152,9 +153,9 @@ class StableDiffusionGenerator:
             row_mask.append(mask)
         input_ids = torch.stack(token_ids).to(device)  # (B, T)
         replace = torch.stack(row_mask).to(device)  # (B, T)
-        directions = torch.nn.functional.normalize(embeddings.float(), dim=1).to(device)  # (B, D)
         if (embeddings.norm(dim=1) == 0).any():
             raise ConfigError("embeddings: an outlier embedding has zero norm, so it has no direction to use")
+        directions = torch.nn.functional.normalize(embeddings.float(), dim=1).to(device)  # (B, D)
 
         def swap_class_rows(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
             # output (B, T, D): token rows. Replace class-word rows by the outlier's direction times
@@ -227,3 +228,17 @@ def describe_pipeline(
         class_names=tuple(class_names),
         description=description or "Stable Diffusion; outlier embeddings replace the class word's token rows",
     )
+
+
+def register_stable_diffusion(folder: Path, generator_id: str, class_names: Sequence[str] = ()) -> GeneratorInfo:
+    """Describe an SD diffusers folder (e.g. a downloaded SD v1.4) in its `oal_generator.json`, so
+    `GET /v1/generators` lists it; loads it once on the CPU to read the token space. Returns the info."""
+    folder = Path(folder)
+    generator = StableDiffusionGenerator.from_pretrained(
+        folder, device="cpu", dtype="float32", generator_id=generator_id
+    )
+    info = describe_pipeline(
+        generator.pipeline, generator_id=generator_id, weights_hash=content_hash(folder), class_names=class_names
+    )
+    write_generator_info(folder, info)
+    return info
