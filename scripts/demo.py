@@ -58,7 +58,7 @@ def background(name: str, argv: list[str], env: dict[str, str], log_dir: Path):
     log_path = log_dir / f"{name}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    console.log(f"started {name} (pid {proc.pid}), log: {log_path.relative_to(REPO)}")
+    console.log(f"started {name} (pid {proc.pid}), log: {log_path}")
     try:
         yield proc
     finally:

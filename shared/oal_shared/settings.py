@@ -33,7 +33,6 @@ class Settings(BaseSettings):
     generator_root: Path = Field(
         Path("artifacts/generators"), description="Only diffusers folders below this root may be loaded by path."
     )
-    hf_offline: bool = Field(True, description="Load hub models from the local cache only (no downloads).")
 
     # API
     api_token: SecretStr | None = Field(None, description="When set, mutating endpoints need 'Bearer <token>'.")

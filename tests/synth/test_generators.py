@@ -309,3 +309,18 @@ def test_a_stable_diffusion_folder_is_listed_once_registered(oal_env, tmp_path_f
     info = register_stable_diffusion(folder, "sd-copy", class_names=SD_CLASSES)
     assert (info.kind, info.space, info.content_hash) == ("stable-diffusion", original.space, original.content_hash)
     assert {i.id: i for i in list_generators(oal_env)}["sd-copy"] == info
+
+
+def test_generator_info_names_the_missing_or_malformed_field(tmp_path):
+    folder = tmp_path / "gen"
+    folder.mkdir()
+    info = {"id": "x", "kind": "embedded", "space": "s", "embed_dim": 4, "latent_shape": [4, 8, 8],
+            "scaling_factor": 0.5, "content_hash": "abc"}  # fmt: skip
+    (folder / GENERATOR_INFO_FILE).write_text(json.dumps({k: v for k, v in info.items() if k != "space"}))
+    with pytest.raises(ConfigError, match="oal_generator.json: field 'space' is missing"):
+        read_generator_info(folder)
+    (folder / GENERATOR_INFO_FILE).write_text(json.dumps({**info, "latent_shape": [4, 8]}))
+    with pytest.raises(ConfigError, match=r"needs 3 entries \(C, H, W\), got 2"):
+        read_generator_info(folder)
+    (folder / GENERATOR_INFO_FILE).write_text(json.dumps(info))
+    assert read_generator_info(folder).latent_shape == (4, 8, 8)

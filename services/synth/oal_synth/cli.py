@@ -151,6 +151,26 @@ def pretrain(
     console.print(f"generator written to {written}")
 
 
+@app.command("register-sd")
+def register_sd(
+    folder: Annotated[Path, typer.Argument(help="A Stable Diffusion diffusers folder under OAL_GENERATOR_ROOT")],
+    generator_id: Annotated[str, typer.Option("--id", help="Id the API lists it under")],
+    class_name: Annotated[list[str] | None, typer.Option(help="ID class words, in label order (repeat)")] = None,
+) -> None:
+    """Describe a Stable Diffusion folder (writes its oal_generator.json) so GET /v1/generators lists it."""
+    from oal_shared.errors import OALError
+    from oal_shared.paths import ensure_within
+    from oal_synth.generators.stable_diffusion import register_stable_diffusion
+
+    settings = get_settings()
+    try:
+        folder = ensure_within(Path(settings.generator_root), folder)
+        info = register_stable_diffusion(folder, generator_id, class_names=class_name or ())
+    except OALError as exc:
+        raise _fail(str(exc), EXIT_REFUSED) from None
+    console.print(f"{info.id}: space {info.space}, embed_dim {info.embed_dim}, latent {info.latent_shape}")
+
+
 # ---------------------------------------------------------------------------- clients
 
 

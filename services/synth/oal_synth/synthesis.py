@@ -134,7 +134,7 @@ def run_synthesis_job(spec_json: dict, job_id: str | None = None) -> dict:
 
     # 2. Load the generator (the registry keeps it loaded in this process for the next job).
     loading = time.perf_counter()
-    generator = load_generator(spec.generator, settings)
+    generator = load_generator(spec.generator, settings, dtype=spec.diffusion.dtype)
     logger.info("job %s: generator %s ready in %.1f s", context.job_id, spec.generator, time.perf_counter() - loading)
     info = generator.info
 

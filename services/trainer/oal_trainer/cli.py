@@ -119,9 +119,11 @@ def fit(
     finally:
         if bar:
             bar.close()
+    if not _is_main_rank():
+        return
     if result.metrics is not None:
         out_console.print(metrics_table(result.metrics))
-        out_console.print(f"run dir: {out}")
+    out_console.print(f"run dir: {out} ({result.epochs} epochs, {result.steps} steps)")
 
 
 @app.command("eval")

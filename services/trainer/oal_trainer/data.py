@@ -31,7 +31,7 @@ from torch.utils.data import (
     get_worker_info,
 )
 
-from oal_shared.errors import ConfigError, ShardError
+from oal_shared.errors import ConfigError, OALError, ShardError
 from oal_shared.shards import OutlierSample, ReadStats, iter_outlier_samples, list_shards, outlier_pipeline
 
 if TYPE_CHECKING:
@@ -328,6 +328,10 @@ class OutlierStream:
                 )
             )
         for batch in batches:
+            if isinstance(batch, WorkerFailure):
+                for _ in batches:  # let the loader see the worker finish, so it shuts down at once
+                    pass
+                raise batch.error
             self._count(batch)
             yield batch
 
@@ -389,6 +393,17 @@ def _as_is(batch: OutlierBatch) -> OutlierBatch:
     return batch
 
 
+@dataclass(frozen=True)
+class WorkerFailure:
+    """A reader error caught in a worker, re-raised by the main process as itself.
+
+    Letting it escape the worker would wrap it in DataLoader's "Caught ... in DataLoader worker"
+    text and leave a crashed worker that takes seconds to shut down.
+    """
+
+    error: OALError
+
+
 class _WorkerBatches(IterableDataset):
     """One epoch of an OutlierStream, split over DataLoader workers by step (worker w: w, w+W, ...)."""
 
@@ -396,11 +411,14 @@ class _WorkerBatches(IterableDataset):
         self.stream = stream
         self.epoch = epoch
 
-    def __iter__(self) -> Iterator[OutlierBatch]:
+    def __iter__(self) -> Iterator[OutlierBatch | WorkerFailure]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
         count = len(range(worker, self.stream.steps_per_epoch, workers))
-        return self.stream.reader_batches(self.epoch, count, reader=worker)
+        try:
+            yield from self.stream.reader_batches(self.epoch, count, reader=worker)
+        except OALError as exc:
+            yield WorkerFailure(exc)
 
 
 class InMemoryOutliers:
