@@ -58,8 +58,8 @@ def background(name: str, argv: list[str], env: dict[str, str], log_dir: Path):
     log_path = log_dir / f"{name}.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    console.log(f"started {name} (pid {proc.pid}), log: {log_path}")
     try:
+        console.log(f"started {name} (pid {proc.pid}), log: {log_path}")
         yield proc
     finally:
         if proc.poll() is None:
@@ -176,8 +176,25 @@ def main() -> int:
         timings[f"train {recipe}"] = run_step(
             f"train {recipe}", [*train, "--recipe", recipe, "--out", str(run_dir), *extra], env
         )
+    console.rule("decode a grid of outliers")
+    grid = out / "outliers.png"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "oal_trainer.outlier_grid",
+            str(shard_dir),
+            "--generator-dir",
+            str(generator_dir),
+            "--out",
+            str(grid),
+        ],
+        env=env,
+        check=True,
+    )
     for run_dir in (out / r for r in ("ce", *STUDENT_RECIPES)):
         shutil.copy2(shard_dir / "manifest.json", run_dir / "outlier-manifest.json")
+        shutil.copy2(grid, run_dir / "outliers.png")
 
     run_step(
         "compare the recipes",
