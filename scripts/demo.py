@@ -39,7 +39,12 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo", help="output directory")
     parser.add_argument("--preset", default="demo", help="trainer and pretrain preset (smoke|demo|full)")
-    parser.add_argument("--num-outliers", type=int, default=3000, help="outliers the job synthesises")
+    parser.add_argument(
+        "--num-outliers",
+        type=int,
+        default=600,
+        help="outliers the job synthesises (600: 100 per class, the paper's select x keep)",
+    )
     parser.add_argument("--port", type=int, default=0, help="API port (0: a free one)")
     parser.add_argument("--fresh", action="store_true", help="retrain everything instead of reusing")
     return parser.parse_args()
