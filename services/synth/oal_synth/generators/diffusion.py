@@ -17,7 +17,13 @@ import importlib.util
 import logging
 
 import torch
-from diffusers import DDIMScheduler, DiffusionPipeline, DPMSolverMultistepScheduler, PNDMScheduler
+from diffusers import (
+    DDIMScheduler,
+    DiffusionPipeline,
+    DPMSolverMultistepScheduler,
+    PNDMScheduler,
+    StableDiffusionPipeline,
+)
 
 from oal_shared.errors import ConfigError
 from oal_synth.spec import SCHEDULERS, DiffusionConfig
@@ -29,6 +35,26 @@ def low_cpu_mem_usage() -> bool:
     """diffusers' memory-saving load needs accelerate (the `gpu` extra); ask for it only when present,
     which also keeps diffusers from warning on every load without it."""
     return importlib.util.find_spec("accelerate") is not None
+
+
+def load_pipeline(
+    path_or_hub_id: str, dtype: torch.dtype, *, local_files_only: bool = True, **components
+) -> StableDiffusionPipeline:
+    """A StableDiffusionPipeline from a diffusers folder: safetensors only (never unpickle a .bin
+    checkpoint), no safety checker. `components` overrides parts, e.g. `text_encoder=None`."""
+    pipeline = StableDiffusionPipeline.from_pretrained(
+        str(path_or_hub_id),
+        dtype=dtype,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+        local_files_only=local_files_only,
+        use_safetensors=True,
+        low_cpu_mem_usage=low_cpu_mem_usage(),
+        **components,
+    )
+    pipeline.set_progress_bar_config(disable=True)
+    return pipeline
 
 
 def build_scheduler(name: str, base_config: dict):

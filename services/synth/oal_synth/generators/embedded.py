@@ -34,20 +34,7 @@ EMBEDDED_KIND = "embedded"
 
 def load_conditionless_pipeline(folder: Path, dtype: torch.dtype) -> StableDiffusionPipeline:
     """The diffusers folder as a StableDiffusionPipeline without text encoder and tokenizer."""
-    pipeline = StableDiffusionPipeline.from_pretrained(
-        str(folder),
-        text_encoder=None,
-        tokenizer=None,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-        dtype=dtype,
-        local_files_only=True,
-        use_safetensors=True,  # never unpickle a .bin checkpoint
-        low_cpu_mem_usage=stage_c.low_cpu_mem_usage(),
-    )
-    pipeline.set_progress_bar_config(disable=True)
-    return pipeline
+    return stage_c.load_pipeline(str(folder), dtype, text_encoder=None, tokenizer=None)
 
 
 class EmbeddedGenerator:

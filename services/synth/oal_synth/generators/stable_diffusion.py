@@ -78,17 +78,7 @@ class StableDiffusionGenerator:
         """
         torch_device = device if isinstance(device, torch.device) else resolve_device(device)
         torch_dtype = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype or "auto", torch_device)
-        pipeline = StableDiffusionPipeline.from_pretrained(
-            str(path_or_hub_id),
-            dtype=torch_dtype,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-            local_files_only=local_files_only,
-            use_safetensors=True,  # never unpickle a .bin checkpoint
-            low_cpu_mem_usage=stage_c.low_cpu_mem_usage(),
-        )
-        pipeline.set_progress_bar_config(disable=True)
+        pipeline = stage_c.load_pipeline(str(path_or_hub_id), torch_dtype, local_files_only=local_files_only)
         pipeline.to(torch_device)
         folder = Path(path_or_hub_id)
         if (folder / GENERATOR_INFO_FILE).is_file():
