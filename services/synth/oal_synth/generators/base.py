@@ -34,6 +34,12 @@ class GeneratorInfo:
     class_names: tuple[str, ...] = ()  # classes the generator knows words for (SD prompt), if any
     description: str = ""
 
+    @property
+    def can_embed_images(self) -> bool:
+        """Only the embedded kind owns an image encoder; Stable Diffusion-style generators are
+        conditioned on token embeddings, which clients upload as embedding sets."""
+        return self.kind == "embedded"
+
     def to_json(self) -> dict:
         data = asdict(self)
         data["latent_shape"] = list(self.latent_shape)

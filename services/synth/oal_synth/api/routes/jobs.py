@@ -26,10 +26,6 @@ from oal_synth.store import EmbeddingSetNotFoundError, EmbeddingSetStore
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
-# Generator kinds with an image encoder of their own (embed_images); the others (Stable Diffusion,
-# tiny-random) condition on token embeddings and need an uploaded embedding set.
-KINDS_THAT_EMBED_IMAGES = ("embedded",)
-
 _ERRORS = {
     400: {"model": ErrorOut, "description": "The body cannot be decoded (JSON that is not UTF-8)"},
     401: {"model": ErrorOut, "description": "OAL_API_TOKEN is set and the bearer token is missing or wrong"},
@@ -86,7 +82,7 @@ def check_spec(spec: JobSpec, settings: Settings, store: EmbeddingSetStore) -> N
         raise APIError(422, "unknown_generator", str(exc), field="generator") from None
 
     if isinstance(spec.embeddings, EmbeddingsFromBenchmark) and generator is not None:
-        if generator.kind not in KINDS_THAT_EMBED_IMAGES:
+        if not generator.can_embed_images:
             raise APIError(
                 422,
                 "invalid_request",
