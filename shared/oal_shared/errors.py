@@ -13,6 +13,10 @@ class DataNotFoundError(OALError, FileNotFoundError):
     """A data set is on none of the places we look; the message names every place tried."""
 
 
+class DataFormatError(OALError, ValueError):
+    """A data file exists but its content breaks its format; the message names the file and the fault."""
+
+
 class EmbeddingSetError(OALError, ValueError):
     """An embedding-set file is malformed: wrong shape, dtype, non-finite values, bad metadata."""
 

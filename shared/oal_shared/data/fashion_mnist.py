@@ -9,8 +9,8 @@ from typing import Literal
 
 import numpy as np
 
-from oal_shared.data.idx import DataFormatError, read_idx
-from oal_shared.errors import ConfigError, DataNotFoundError
+from oal_shared.data.idx import read_idx
+from oal_shared.errors import ConfigError, DataFormatError, DataNotFoundError
 from oal_shared.settings import DEBIAN_FMNIST_DIR, Settings, get_settings
 
 logger = logging.getLogger(__name__)

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from oal_shared.errors import DataNotFoundError, OALError
+from oal_shared.errors import DataFormatError, DataNotFoundError
 
 GZIP_MAGIC = b"\x1f\x8b"
 
@@ -27,10 +27,6 @@ IDX_DTYPES: dict[int, np.dtype] = {
     0x0E: np.dtype(">f8"),
 }
 _CODE_BY_KIND = {(dtype.kind, dtype.itemsize): code for code, dtype in IDX_DTYPES.items()}
-
-
-class DataFormatError(OALError, ValueError):
-    """A data file exists but its content breaks its format; the message names the file and the fault."""
 
 
 def read_idx(path: Path | str) -> np.ndarray:
