@@ -10,8 +10,8 @@ import pytest
 
 from oal_shared.data import fashion_mnist
 from oal_shared.data.fashion_mnist import FMNIST_CLASSES, load_fashion_mnist, split_file_names
-from oal_shared.data.idx import DataFormatError, read_idx, write_idx
-from oal_shared.errors import ConfigError, DataNotFoundError
+from oal_shared.data.idx import read_idx, write_idx
+from oal_shared.errors import ConfigError, DataFormatError, DataNotFoundError
 from oal_shared.settings import DEBIAN_FMNIST_DIR, Settings
 
 

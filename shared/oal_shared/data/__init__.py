@@ -16,7 +16,8 @@ from oal_shared.data.benchmark import (
     load_benchmark,
 )
 from oal_shared.data.fashion_mnist import FMNIST_CLASSES, load_fashion_mnist
-from oal_shared.data.idx import DataFormatError, read_idx
+from oal_shared.data.idx import read_idx
+from oal_shared.errors import DataFormatError
 
 __all__ = [
     "BENCHMARKS",

@@ -19,8 +19,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from oal_shared.data.benchmark import OOD_LABEL, Benchmark, ImageSet, channel_stats
-from oal_shared.data.idx import DataFormatError
-from oal_shared.errors import ConfigError, DataNotFoundError
+from oal_shared.errors import ConfigError, DataFormatError, DataNotFoundError
 from oal_shared.paths import safe_join
 
 logger = logging.getLogger(__name__)
