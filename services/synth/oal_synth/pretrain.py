@@ -31,12 +31,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from diffusers import AutoencoderKL, DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
 from tqdm.auto import tqdm
 
 from oal_shared.data.benchmark import load_benchmark
 from oal_shared.errors import ConfigError
 from oal_shared.settings import Settings, get_settings
+from oal_synth.generators import diffusion as stage_c
 from oal_synth.generators.base import GeneratorInfo
 from oal_synth.generators.condition_encoder import (
     ENCODER_SUBFOLDER,
@@ -53,13 +54,6 @@ logger = logging.getLogger(__name__)
 BENCHMARK = "fmnist-osr"
 PADDED_SIZE = 32  # 28x28 images are zero-padded to 32x32, a size the 3-level VAE halves cleanly
 LATENT_CHANNELS = 4
-# SD v1's training schedule; the saved DDIM scheduler shares it so sampling matches training.
-NOISE_SCHEDULE = {
-    "num_train_timesteps": 1000,
-    "beta_start": 0.00085,
-    "beta_end": 0.012,
-    "beta_schedule": "scaled_linear",
-}
 
 
 @dataclass(frozen=True)
@@ -460,7 +454,7 @@ def train_unet(
 ) -> tuple[UNet2DConditionModel, StageResult]:
     """Epsilon prediction on scaling_factor * z, z ~ q(z|x); context = the image's embedding."""
     unet = build_unet(config.unet_widths, config.embed_dim).train()
-    noise_scheduler = DDPMScheduler(**NOISE_SCHEDULE)
+    noise_scheduler = DDPMScheduler(**stage_c.SD_NOISE_SCHEDULE)
     step_generator = torch.Generator().manual_seed(config.seed + 2)
 
     def loss_of_step(batch: torch.Tensor) -> torch.Tensor:
@@ -468,7 +462,7 @@ def train_unet(
         draw = torch.randn(latent_mean[batch].shape, generator=step_generator)
         z0 = scaling_factor * (latent_mean[batch] + latent_std[batch] * draw)  # (b, 4, 8, 8)
         noise = torch.randn(z0.shape, generator=step_generator)
-        timesteps = torch.randint(0, NOISE_SCHEDULE["num_train_timesteps"], (size,), generator=step_generator)
+        timesteps = torch.randint(0, noise_scheduler.config.num_train_timesteps, (size,), generator=step_generator)
         noisy = noise_scheduler.add_noise(z0, noise, timesteps)
         keep = torch.rand(size, generator=step_generator) >= config.cond_dropout  # (b,)
         context = (embeddings[batch] * keep[:, None].float())[:, None, :]  # (b, 1, D), dropped -> 0
@@ -496,18 +490,7 @@ def save_generator_folder(
     folder: Path, vae: AutoencoderKL, unet: UNet2DConditionModel, encoder: ConditionEncoder
 ) -> None:
     """The diffusers folder (no text encoder, tokenizer or safety checker) plus the condition encoder."""
-    scheduler = DDIMScheduler(**NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
-    pipeline = StableDiffusionPipeline(
-        vae=vae,
-        text_encoder=None,
-        tokenizer=None,
-        unet=unet,
-        scheduler=scheduler,
-        safety_checker=None,
-        feature_extractor=None,
-        requires_safety_checker=False,
-    )
-    pipeline.save_pretrained(folder, safe_serialization=True)
+    stage_c.save_pipeline(folder, vae=vae, unet=unet)
     encoder.save_pretrained(folder / ENCODER_SUBFOLDER)
 
 

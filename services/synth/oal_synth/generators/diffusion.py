@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+from pathlib import Path
 
 import torch
 from diffusers import (
@@ -35,6 +36,34 @@ def low_cpu_mem_usage() -> bool:
     """diffusers' memory-saving load needs accelerate (the `gpu` extra); ask for it only when present,
     which also keeps diffusers from warning on every load without it."""
     return importlib.util.find_spec("accelerate") is not None
+
+
+# SD v1's training noise schedule. The folders we build ourselves (embedded, tiny-random) train and
+# sample with it, so the saved DDIM scheduler matches training.
+SD_NOISE_SCHEDULE = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+
+
+def save_pipeline(folder: Path, *, vae, unet, text_encoder=None, tokenizer=None) -> StableDiffusionPipeline:
+    """Write a diffusers folder that `load_pipeline` reads back: SD v1's schedule as DDIM with the
+    sample clipping SD never used on latents switched off, no safety checker, safetensors only."""
+    scheduler = DDIMScheduler(**SD_NOISE_SCHEDULE, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+    pipeline = StableDiffusionPipeline(
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        scheduler=scheduler,
+        safety_checker=None,
+        feature_extractor=None,
+        requires_safety_checker=False,
+    )
+    pipeline.save_pretrained(folder, safe_serialization=True)
+    return pipeline
 
 
 def load_pipeline(

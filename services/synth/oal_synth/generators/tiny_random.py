@@ -90,9 +90,10 @@ def build_tiny_random_pipeline(out_dir: Path) -> Path:
     An existing `out_dir` is replaced.
     """
     import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
+    from oal_synth.generators import diffusion as stage_c
     from oal_synth.generators.stable_diffusion import describe_pipeline
 
     out_dir = Path(out_dir)
@@ -149,27 +150,8 @@ def build_tiny_random_pipeline(out_dir: Path) -> Path:
                 norm_num_groups=8,
                 sample_size=TINY_LATENT_SHAPE[1] * 2,
             )
-        # SD v1's schedule, with the clipping SD never used on latents switched off.
-        scheduler = DDIMScheduler(
-            beta_start=0.00085,
-            beta_end=0.012,
-            beta_schedule="scaled_linear",
-            clip_sample=False,
-            set_alpha_to_one=False,
-            steps_offset=1,
-        )
-        pipeline = StableDiffusionPipeline(
-            vae=vae,
-            text_encoder=text_encoder,
-            tokenizer=tokenizer,
-            unet=unet,
-            scheduler=scheduler,
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
         model_dir = work / "model"
-        pipeline.save_pretrained(model_dir, safe_serialization=True)
+        pipeline = stage_c.save_pipeline(model_dir, vae=vae, unet=unet, text_encoder=text_encoder, tokenizer=tokenizer)
         info = describe_pipeline(
             pipeline,
             generator_id=TINY_RANDOM_ID,
