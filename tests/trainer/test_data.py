@@ -147,7 +147,8 @@ def _truncate(path: Path) -> None:
 def test_a_bad_shard_is_named_in_the_error(tmp_path):
     shard_dir = write_test_shards(tmp_path, num_shards=2, per_shard=24)
     _truncate(shard_dir / "outliers-000001.tar")
-    stream = OutlierStream(shard_dir, batch_size=8, steps_per_epoch=12, seed=0, shuffle_buffer=0)
+    # 60 steps of 8 draw 20 shards with replacement: the bad one is drawn except with p = 2**-20.
+    stream = OutlierStream(shard_dir, batch_size=8, steps_per_epoch=60, seed=0, shuffle_buffer=0)
     with pytest.raises(ShardError, match="outliers-000001.tar"):
         list(stream.epoch(0))
 

@@ -15,7 +15,6 @@ they lie in [0, 2].
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
@@ -25,6 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from oal_shared.errors import ConfigError, EmbeddingSetError
+from oal_shared.seeds import derive_seed
 
 if TYPE_CHECKING:
     from oal_shared.embeddings import EmbeddingSet
@@ -277,8 +277,7 @@ def sample_class_outliers(
 def class_seed(seed: int, class_id: int) -> int:
     """A per-class seed derived from the job seed, so a class's outliers do not depend on which
     other classes the job asked for."""
-    digest = hashlib.sha256(f"oal-sampler:{seed}:{class_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return derive_seed("oal-sampler", seed, class_id)
 
 
 def split_evenly(total: int, parts: int) -> list[int]:

@@ -19,7 +19,6 @@ job resumes where it stopped and writes the same bytes it would have written the
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import threading
 import time
@@ -39,6 +38,7 @@ from oal_shared.data.benchmark import load_benchmark
 from oal_shared.embeddings import EmbeddingSet
 from oal_shared.errors import ConfigError, ShardError, SpaceMismatchError
 from oal_shared.paths import safe_join
+from oal_shared.seeds import derive_seed
 from oal_shared.settings import Settings, get_settings
 from oal_shared.shards import (
     OutlierSample,
@@ -301,8 +301,7 @@ class OutlierPlan:
 
 def outlier_seed(seed: int, index: int) -> int:
     """Diffusion seed of outlier `index`: a hash of (job seed, index), 63 bits, independent of batching."""
-    digest = hashlib.sha256(f"oal-outlier:{seed}:{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+    return derive_seed("oal-outlier", seed, index)
 
 
 def plan_outliers(outliers: list[BoundaryOutliers], seed: int) -> OutlierPlan:

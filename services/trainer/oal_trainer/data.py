@@ -13,7 +13,6 @@ per epoch, seeded per epoch and rank.
 
 from __future__ import annotations
 
-import hashlib
 import logging
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -31,6 +30,7 @@ from torch.utils.data import (
     get_worker_info,
 )
 
+from oal_shared import seeds as shared_seeds
 from oal_shared.errors import ConfigError, OALError, ShardError
 from oal_shared.shards import OutlierSample, ReadStats, iter_outlier_samples, list_shards, outlier_pipeline
 
@@ -41,13 +41,12 @@ logger = logging.getLogger(__name__)
 
 
 def derive_seed(seed: int, *parts: object) -> int:
-    """A stable 63-bit seed for one stream of randomness, e.g. derive_seed(seed, "order", epoch)."""
-    digest = hashlib.sha256("/".join(str(p) for p in (seed, *parts)).encode()).digest()
-    return int.from_bytes(digest[:8], "little") & (2**63 - 1)
+    """A stable 63-bit seed for one of the trainer's streams, e.g. derive_seed(seed, "order", epoch)."""
+    return shared_seeds.derive_seed("oal-train", seed, *parts)
 
 
 def seeded_generator(seed: int, *parts: object) -> torch.Generator:
-    return torch.Generator().manual_seed(derive_seed(seed, *parts))
+    return shared_seeds.seeded_generator("oal-train", seed, *parts)
 
 
 # ---------------------------------------------------------------- ID images
