@@ -18,12 +18,15 @@ from oal_shared import fsio
 from oal_shared.errors import ConfigError, ManifestError, ShardError
 from oal_shared.shards import (
     MANIFEST_NAME,
+    MANIFEST_SCHEMA_VERSION,
     OutlierSample,
     ReadStats,
+    SampleLayout,
     decode_outlier_sample,
     describe_shard,
     iter_outlier_samples,
     list_shards,
+    load_manifest,
     outlier_pipeline,
     read_manifest,
     sample_key,
@@ -32,7 +35,7 @@ from oal_shared.shards import (
     write_manifest,
     write_shard,
 )
-from tests.utils.shards import make_outlier_samples, write_outlier_shards
+from tests.utils.shards import TEST_GENERATOR, make_outlier_samples, write_outlier_shards
 
 
 def npy(array: np.ndarray) -> bytes:
@@ -91,9 +94,7 @@ def test_round_trip_through_plain_webdataset(tmp_path: Path):
         latent = np.load(io.BytesIO(raw["latent.npy"]), allow_pickle=False)
         np.testing.assert_array_equal(latent, sample.latent)
         assert latent.dtype == np.float16
-        np.testing.assert_array_equal(
-            np.load(io.BytesIO(raw["emb.npy"]), allow_pickle=False), sample.embedding
-        )
+        np.testing.assert_array_equal(np.load(io.BytesIO(raw["emb.npy"]), allow_pickle=False), sample.embedding)
         assert int(raw["cls"]) == sample.cls
         assert json.loads(raw["json"]) == {**sample.meta, "schema_version": 1}
 
@@ -158,9 +159,7 @@ def test_dotted_key_is_refused_when_the_sample_is_built():
 def test_sample_spoiled_after_construction_makes_write_fail_with_no_file(tmp_path: Path):
     samples = make_outlier_samples(4)
     samples[2].latent[0, 0, 0] = np.nan  # arrays stay mutable; the writer checks again
-    with pytest.raises(
-        ShardError, match=f"shard outliers-000000.tar, key {samples[2].key}: latent: 1 non-finite"
-    ):
+    with pytest.raises(ShardError, match=f"shard outliers-000000.tar, key {samples[2].key}: latent: 1 non-finite"):
         write_shard(tmp_path, 0, samples)
     assert os.listdir(tmp_path) == []
 
@@ -209,36 +208,85 @@ def test_sample_key_has_no_dots_and_refuses_bad_job_ids():
 # --- manifest ------------------------------------------------------------------------------------
 
 
-def test_manifest_records_spec_and_every_shard(tmp_path: Path):
-    infos = write_outlier_shards(tmp_path, num_shards=2, per_shard=3, spec={"seed": 7})
-    write_manifest(tmp_path, {"seed": 7}, list(reversed(infos)), extra={"job_id": "job0"})
+def test_manifest_records_spec_shards_layout_and_generator(tmp_path: Path):
+    infos = write_outlier_shards(tmp_path, num_shards=2, per_shard=3, spec={"seed": 7}, latent_shape=(3, 4, 5), dim=9)
+    generator = {**TEST_GENERATOR, "kind": "tiny-random"}
+    write_manifest(tmp_path, {"seed": 7}, list(reversed(infos)), extra={"job_id": "job0"}, generator=generator)
     manifest = read_manifest(tmp_path)
+    assert manifest["schema_version"] == MANIFEST_SCHEMA_VERSION
     assert manifest["spec"] == {"seed": 7}
     assert manifest["job_id"] == "job0"
     assert manifest["num_samples"] == 6
+    assert manifest["generator"] == generator
+    assert manifest["layout"] == {"latent_shape": [3, 4, 5], "latent_dtype": "float16", "embed_dim": 9}
     assert [entry["name"] for entry in manifest["shards"]] == ["outliers-000000.tar", "outliers-000001.tar"]
     for entry in manifest["shards"]:
         assert entry["sha256"] == hashlib.sha256((tmp_path / entry["name"]).read_bytes()).hexdigest()
     assert verify_shards(tmp_path) == infos
 
+    parsed = load_manifest(tmp_path)
+    assert parsed.layout == SampleLayout((3, 4, 5), "float16", 9)
+    assert (parsed.generator.id, parsed.generator.content_hash) == ("tiny-random", TEST_GENERATOR["content_hash"])
+    assert parsed.shard_paths == list_shards(tmp_path)
+    assert (parsed.num_samples, parsed.job_id, parsed.document) == (6, "job0", manifest)
+
 
 def test_manifest_refuses_reserved_extra_keys_and_bad_versions(tmp_path: Path):
     infos = write_outlier_shards(tmp_path, num_shards=1, per_shard=2)
     with pytest.raises(ManifestError, match="extra: key 'shards' is reserved"):
-        write_manifest(tmp_path, {}, infos, extra={"shards": []})
+        write_manifest(tmp_path, {}, infos, extra={"shards": []}, generator=TEST_GENERATOR)
+    with pytest.raises(ManifestError, match="generator.content_hash: expected 64 lowercase hex digits"):
+        write_manifest(tmp_path, {}, infos, generator={"id": "g", "content_hash": ""})
     path = tmp_path / MANIFEST_NAME
     document = json.loads(path.read_text())
-    path.write_text(json.dumps({**document, "schema_version": 2}))
-    with pytest.raises(ManifestError, match="schema_version is 2, this version reads 1"):
+    path.write_text(json.dumps({**document, "schema_version": 1}))
+    with pytest.raises(ManifestError, match="schema_version is 1, this version reads 2 .*run the job again"):
+        read_manifest(tmp_path)
+    path.write_text(json.dumps({key: value for key, value in document.items() if key != "layout"}))
+    with pytest.raises(ManifestError, match="key 'layout' is missing"):
+        read_manifest(tmp_path)
+    path.write_text(json.dumps({**document, "layout": {**document["layout"], "latent_dtype": "float64"}}))
+    with pytest.raises(ManifestError, match="layout.latent_dtype: expected 'float16' or 'float32', got 'float64'"):
         read_manifest(tmp_path)
     document["shards"][0]["name"] = "../escape.tar"
     path.write_text(json.dumps(document))
-    with pytest.raises(
-        ManifestError, match=r"shards\[0\]\.name: expected a file name like outliers-000000.tar"
-    ):
+    with pytest.raises(ManifestError, match=r"shards\[0\]\.name: expected a file name like outliers-000000.tar"):
         read_manifest(tmp_path)
-    with pytest.raises(ManifestError, match="no manifest"):
+    with pytest.raises(ManifestError, match="elsewhere: no such folder"):
         read_manifest(tmp_path / "elsewhere")
+
+
+def test_shards_without_a_manifest_are_a_job_still_running(tmp_path: Path):
+    write_shard(tmp_path, 0, make_outlier_samples(2))
+    with pytest.raises(
+        ManifestError, match=f"{re.escape(str(tmp_path))}: 1 shards but no manifest.json: .*still running"
+    ):
+        load_manifest(tmp_path)
+    (tmp_path / "outliers-000000.tar").unlink()
+    with pytest.raises(ManifestError, match="no manifest.json and no shards"):
+        load_manifest(tmp_path)
+
+
+def test_manifest_of_shards_with_different_layouts_is_refused(tmp_path: Path):
+    first = write_shard(tmp_path, 0, make_outlier_samples(2, latent_shape=(4, 8, 8)))
+    second = write_shard(tmp_path, 1, make_outlier_samples(2, latent_shape=(4, 4, 4), first=2))
+    with pytest.raises(ManifestError, match=r"outliers-000001.tar holds latent \(4, 4, 4\).*outliers-000000.tar holds"):
+        write_manifest(tmp_path, {}, [first, second], generator=TEST_GENERATOR)
+    assert not (tmp_path / MANIFEST_NAME).exists()
+
+
+def test_a_shard_mixing_layouts_is_refused(tmp_path: Path):
+    samples = make_outlier_samples(2) + make_outlier_samples(1, dim=8, first=2)
+    with pytest.raises(ShardError, match=r"samples\[2\]: latent .*embedding \(8,\), but samples\[0\] has"):
+        write_shard(tmp_path, 0, samples)
+
+
+def test_load_manifest_checks_each_listed_shard_is_there_at_its_size(tmp_path: Path):
+    write_outlier_shards(tmp_path, num_shards=2, per_shard=2)
+    with (tmp_path / "outliers-000001.tar").open("ab") as handle:
+        handle.write(b"\0" * 512)
+    with pytest.raises(ManifestError, match="outliers-000001.tar: .* bytes on disk, the manifest says"):
+        load_manifest(tmp_path)
 
 
 def test_verify_shards_catches_a_changed_byte(tmp_path: Path):
@@ -254,7 +302,7 @@ def test_verify_shards_catches_a_changed_byte(tmp_path: Path):
 def test_verify_shards_catches_a_missing_shard(tmp_path: Path):
     write_outlier_shards(tmp_path, num_shards=2, per_shard=2)
     (tmp_path / "outliers-000000.tar").unlink()
-    with pytest.raises(ManifestError, match="shard outliers-000000.tar: listed in the manifest but missing"):
+    with pytest.raises(ManifestError, match="outliers-000000.tar: listed in the manifest but missing"):
         verify_shards(tmp_path)
 
 
@@ -264,9 +312,7 @@ def test_verify_shards_catches_a_missing_shard(tmp_path: Path):
 def test_truncated_shard_raises_naming_the_shard(tmp_path: Path):
     info = write_shard(tmp_path, 0, make_outlier_samples(5))
     path = truncate_inside_member(tmp_path / info.name, member_index=9)
-    with pytest.raises(
-        ShardError, match=f"shard {re.escape(str(path))}: unreadable tar .*unexpected end of data"
-    ):
+    with pytest.raises(ShardError, match=f"shard {re.escape(str(path))}: unreadable tar .*unexpected end of data"):
         list(iter_outlier_samples([path]))
     with pytest.raises(ShardError, match=f"shard {re.escape(str(path))}: truncated"):
         describe_shard(path)
@@ -290,9 +336,7 @@ def test_missing_member_names_shard_and_key(tmp_path: Path):
     members = [raw_members(sample) for sample in samples]
     del members[1]["emb.npy"]
     path = write_raw_tar(tmp_path / "outliers-000000.tar", members)
-    with pytest.raises(
-        ShardError, match=f"shard {re.escape(str(path))}, key {samples[1].key}: missing member emb.npy"
-    ):
+    with pytest.raises(ShardError, match=f"shard {re.escape(str(path))}, key {samples[1].key}: missing member emb.npy"):
         list(iter_outlier_samples([path]))
     stats = ReadStats()
     assert keys_of(iter_outlier_samples([path], on_error="skip", stats=stats)) == [samples[0].key]
@@ -304,9 +348,7 @@ def test_float64_latent_in_a_shard_is_refused(tmp_path: Path):
     members = raw_members(sample)
     members["latent.npy"] = npy(sample.latent.astype(np.float64))
     path = write_raw_tar(tmp_path / "outliers-000000.tar", [members])
-    with pytest.raises(
-        ShardError, match=f"key {sample.key}: latent: expected float16 or float32, got float64"
-    ):
+    with pytest.raises(ShardError, match=f"key {sample.key}: latent: expected float16 or float32, got float64"):
         list(iter_outlier_samples([path]))
 
 

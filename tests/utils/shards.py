@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,9 @@ import numpy as np
 from oal_shared.shards import OutlierSample, ShardInfo, sample_key, write_manifest, write_shard
 
 TEST_SPACE = "test/space-v1"
+# What the manifest of a test job names as its generator; no folder has this content hash, so a
+# decoder that checks its VAE folder against it refuses (pass `generator=` for a real folder).
+TEST_GENERATOR = {"id": "tiny-random", "content_hash": hashlib.sha256(b"test generator").hexdigest()}
 
 
 def make_outlier_samples(
@@ -59,12 +63,19 @@ def write_outlier_shards(
     num_shards: int = 2,
     per_shard: int = 8,
     spec: dict | None = None,
+    generator: dict | None = None,
     **sample_kwargs,
 ) -> list[ShardInfo]:
-    """A finished job's folder: `num_shards` shards of `per_shard` samples each, plus manifest.json."""
+    """A finished job's folder: `num_shards` shards of `per_shard` samples each, plus manifest.json
+    naming `generator` (default TEST_GENERATOR)."""
     infos = []
     for index in range(num_shards):
         samples = make_outlier_samples(per_shard, first=index * per_shard, **sample_kwargs)
         infos.append(write_shard(out_dir, index, samples))
-    write_manifest(out_dir, spec if spec is not None else {"num_outliers": num_shards * per_shard}, infos)
+    write_manifest(
+        out_dir,
+        spec if spec is not None else {"num_outliers": num_shards * per_shard},
+        infos,
+        generator=generator if generator is not None else TEST_GENERATOR,
+    )
     return infos

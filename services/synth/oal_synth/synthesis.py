@@ -5,7 +5,7 @@ Read top-down like a diffusers pipeline's `__call__`:
  1. check the spec (schema and deployment limits)
  2. load the generator (kept loaded per worker process, so the next job skips the load)
  3. get the ID embeddings: an uploaded set, or the benchmark's ID train images embedded here
- 4. refuse embeddings from another conditioning space
+ 4. check the job against its generator and embeddings (`oal_synth.validation`, as the API did)
  5. sample boundary outliers (Stage B)
  6. plan shards: outlier order and per-outlier seeds depend only on the spec, so shard i's bytes
     depend only on the spec and i
@@ -29,14 +29,13 @@ from typing import Any
 
 import numpy as np
 import torch
-from pydantic import ValidationError
 from redis import Redis
 from rq import get_current_job
 from rq.job import Job
 
 from oal_shared.data.benchmark import load_benchmark
 from oal_shared.embeddings import EmbeddingSet
-from oal_shared.errors import ConfigError, ShardError, SpaceMismatchError
+from oal_shared.errors import ConfigError, ShardError
 from oal_shared.paths import safe_join
 from oal_shared.seeds import derive_seed
 from oal_shared.settings import Settings, get_settings
@@ -49,12 +48,13 @@ from oal_shared.shards import (
     write_manifest,
     write_shard,
 )
-from oal_synth.generators.base import GeneratorInfo, LatentGenerator
+from oal_synth.generators.base import LatentGenerator
 from oal_synth.generators.registry import load_generator
 from oal_synth.queue import JobCanceled, JobInterrupted, is_cancel_requested
 from oal_synth.sampler import BoundaryOutliers, sample_outliers
 from oal_synth.spec import EmbeddingsFromBenchmark, EmbeddingsFromSet, JobSpec
 from oal_synth.store import EmbeddingSetStore
+from oal_synth.validation import EmbeddingsSummary, embeddings_name, parse_job_spec, raise_for_problems, validate_job
 
 logger = logging.getLogger(__name__)
 
@@ -137,12 +137,13 @@ def run_synthesis_job(spec_json: dict, job_id: str | None = None) -> dict:
     generator = load_generator(spec.generator, settings, dtype=spec.diffusion.dtype)
     logger.info("job %s: generator %s ready in %.1f s", context.job_id, spec.generator, time.perf_counter() - loading)
     info = generator.info
+    raise_for_problems(validate_job(spec, info, None))  # e.g. benchmark images for a generator that cannot embed
 
     # 3. Get the ID embeddings.
     es = job_embeddings(spec, generator, settings)
 
-    # 4. Refuse a space mismatch.
-    check_space(es, info)
+    # 4. Check the job against them: space, dim, classes (the API's check, with what only the worker knows).
+    raise_for_problems(validate_job(spec, info, EmbeddingsSummary.from_embedding_set(es, embeddings_name(spec))))
 
     # 5. Sample boundary outliers.
     plan = plan_outliers(sample_outliers(es, spec.sampler, spec.num_outliers, spec.seed), spec.seed)
@@ -181,9 +182,9 @@ def run_synthesis_job(spec_json: dict, job_id: str | None = None) -> dict:
         out_dir,
         spec.model_dump(mode="json"),
         infos,
+        generator=info.to_json(),
         extra={
             "job_id": context.job_id,
-            "generator": info.to_json(),
             "embeddings": {
                 "source": es.source,
                 "space": es.space,
@@ -218,16 +219,8 @@ def run_synthesis_job(spec_json: dict, job_id: str | None = None) -> dict:
 
 
 def check_job_spec(spec_json: dict, settings: Settings) -> JobSpec:
-    try:
-        spec = JobSpec.model_validate(spec_json)
-    except ValidationError as exc:
-        first = exc.errors()[0]
-        field = ".".join(str(part) for part in first["loc"])
-        raise ConfigError(f"job spec field {field}: {first['msg']}") from exc
-    problems = spec.check_limits(settings)
-    if problems:
-        raise ConfigError("; ".join(f"job spec field {field}: {message}" for field, message in problems))
-    return spec
+    """Step 1: the spec off the queue, parsed and held to the limits (ConfigError naming the fields)."""
+    return parse_job_spec(spec_json, settings)
 
 
 def job_embeddings(spec: JobSpec, generator: LatentGenerator, settings: Settings) -> EmbeddingSet:
@@ -273,15 +266,6 @@ def embed_benchmark(
     while len(_benchmark_embeddings) > EMBEDDING_CACHE_SIZE:
         _benchmark_embeddings.popitem(last=False)
     return es
-
-
-def check_space(es: EmbeddingSet, info: GeneratorInfo) -> None:
-    if es.space != info.space:
-        raise SpaceMismatchError(
-            f"embeddings live in space {es.space!r}, but generator {info.id!r} is conditioned on space {info.space!r}"
-        )
-    if es.dim != info.embed_dim:
-        raise SpaceMismatchError(f"embeddings have dim {es.dim}, generator {info.id!r} expects {info.embed_dim}")
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""A generator folder on disk: its `oal_generator.json` and the hash that pins its exact files.
+"""A generator folder on disk: its `oal_generator.json`, and the hash that pins its exact files
+(computed in `oal_shared.generator_hash`, where the trainer reads it too).
 
 No torch here: the API lists generators by reading these JSON files only.
 """
@@ -7,47 +8,25 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import secrets
 import shutil
 from pathlib import Path
 
 from oal_shared.errors import ConfigError
+from oal_shared.fsio import atomic_write_bytes
+from oal_shared.generator_hash import PRETRAIN_REPORT_FILE, UNHASHED_FILES, content_hash
 from oal_synth.generators.base import GENERATOR_INFO_FILE, GeneratorInfo
 
-# Written beside the weights by `pretrain`, read by docs; not part of what the loader reads.
-PRETRAIN_REPORT_FILE = "pretrain_report.json"
-# Files that describe a generator rather than make it; they stay out of the content hash.
-UNHASHED_FILES = frozenset({GENERATOR_INFO_FILE, PRETRAIN_REPORT_FILE})
-HASH_READ_BYTES = 1 << 20
-
-
-def content_hash(folder: Path) -> str:
-    """sha256 over every file the loader reads (weights, configs, tokenizer), by relative path.
-
-    Hidden files and UNHASHED_FILES are skipped, so the hash changes exactly when what a
-    generator computes can change.
-    """
-    folder = Path(folder)
-    digest = hashlib.sha256()
-    files = sorted(
-        path
-        for path in folder.rglob("*")
-        if path.is_file()
-        and path.name not in UNHASHED_FILES
-        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
-    )
-    if not files:
-        raise ConfigError(f"{folder}: no model files to hash; is this a generator folder?")
-    for path in files:
-        file_digest = hashlib.sha256()
-        with open(path, "rb") as handle:
-            while chunk := handle.read(HASH_READ_BYTES):
-                file_digest.update(chunk)
-        digest.update(path.relative_to(folder).as_posix().encode("utf-8") + b"\0")
-        digest.update(file_digest.digest())
-    return digest.hexdigest()
-
+__all__ = [
+    "PRETRAIN_REPORT_FILE",
+    "UNHASHED_FILES",
+    "content_hash",
+    "model_index_has_text_encoder",
+    "read_generator_info",
+    "replace_dir",
+    "short_hash",
+    "write_generator_info",
+]
 
 def short_hash(data: bytes, length: int = 12) -> str:
     """The first `length` hex digits of sha256(data): ids like "sd-token:3f9a0c1b2d4e"."""
@@ -69,17 +48,8 @@ def read_generator_info(folder: Path) -> GeneratorInfo:
 def write_generator_info(folder: Path, info: GeneratorInfo) -> Path:
     """Write `folder/oal_generator.json` atomically (temp file, fsync, rename)."""
     path = Path(folder) / GENERATOR_INFO_FILE
-    tmp = path.with_name(f".{path.name}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "x", encoding="utf-8") as handle:
-            json.dump(info.to_json(), handle, indent=2, sort_keys=True)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    text = json.dumps(info.to_json(), indent=2, sort_keys=True) + "\n"
+    atomic_write_bytes(path, text.encode("utf-8"))
     return path
 
 
