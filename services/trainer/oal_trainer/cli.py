@@ -3,6 +3,8 @@
     oal-train fit --recipe oal --out runs/oal --preset demo --set teacher_run=runs/teacher ...
     oal-train eval runs/oal
     oal-train report runs/ce runs/oal --out runs
+    oal-train sweep benchmarks/sweeps/ablation.toml --out runs/ablation --lanes 2
+    oal-train report runs/ablation --baseline ce --baseline kd   (statistics over seeds)
     oal-train config --recipe oal --preset demo       (print the resolved config)
 
 Under torchrun: `torchrun --nproc_per_node 2 -m oal_trainer.cli fit ...`; only rank 0 logs.
@@ -156,17 +158,49 @@ def eval_run(
 @app.command()
 @cli_errors
 def report(
-    run_dirs: Annotated[list[Path], typer.Argument(help="Finished run dirs to compare.")],
+    run_dirs: Annotated[list[Path], typer.Argument(help="Finished run dirs to compare, or one sweep folder.")],
     out: Annotated[Path | None, typer.Option("--out", "-o", help="Write report.md and report.png here.")] = None,
     scorer: Annotated[str, typer.Option(help="Which OOD score to compare.")] = "energy",
+    baseline: Annotated[
+        list[str] | None, typer.Option("--baseline", help="Sweep cell to pair the others against; repeatable.")
+    ] = None,
 ) -> None:
-    """Put runs side by side: report.md (table) and report.png (bars)."""
-    from oal_trainer.report import build_report
+    """Put runs side by side (report.md, report.png); for a sweep folder, statistics over seeds."""
+    from oal_trainer.sweep_report import build_sweep_report, is_sweep_dir
 
-    result = build_report(run_dirs, out, scorer=scorer)
+    if len(run_dirs) == 1 and is_sweep_dir(run_dirs[0]):
+        result = build_sweep_report(run_dirs[0], baseline or [], scorer=scorer)
+    else:
+        if baseline:
+            raise ConfigError("--baseline: only for a sweep folder (one made by `oal-train sweep`)")
+        from oal_trainer.report import build_report
+
+        result = build_report(run_dirs, out, scorer=scorer)
     out_console.print(result.markdown, markup=False, highlight=False)
     for path in result.paths.values():
         out_console.print(f"wrote {path}")
+
+
+@app.command()
+@cli_errors
+def sweep(
+    sweep_file: Annotated[Path, typer.Argument(help="TOML or JSON sweep file (cells, seeds, overrides).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder; a re-run skips finished runs.")],
+    lanes: Annotated[int, typer.Option(help="Runs at once, each its own process.")] = 2,
+    threads: Annotated[int, typer.Option(help="Torch threads per lane.")] = 1,
+) -> None:
+    """Run a grid of recipes x seeds x overrides into one folder, resumably; then `oal-train report OUT`."""
+    from oal_trainer.sweep import run_sweep
+
+    result = run_sweep(sweep_file, out, lanes=lanes, threads=threads, console=err_console)
+    done = sum(state in ("done", "skipped") for state in result.states.values())
+    out_console.print(f"sweep {result.out}: {done}/{len(result.states)} runs finished")
+    if result.failed:
+        for cell, seed in result.failed:
+            out_console.print(
+                f"  {result.states[(cell, seed)]}: {cell}/seed-{seed} (log: {result.out / cell}/seed-{seed}.log)"
+            )
+        raise typer.Exit(EXIT_ERROR)
 
 
 @app.command("config")

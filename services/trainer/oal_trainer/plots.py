@@ -62,15 +62,26 @@ def plot_score_histograms(
 
 
 def plot_grouped_bars(
-    categories: Sequence[str], series: Mapping[str, Sequence[float]], path: Path, *, title: str, ylabel: str
+    categories: Sequence[str],
+    series: Mapping[str, Sequence[float]],
+    path: Path,
+    *,
+    title: str,
+    ylabel: str,
+    errors: Mapping[str, Sequence[float]] | None = None,
 ) -> Path:
-    """One group of bars per category, one bar per series (e.g. per run); NaN leaves a gap."""
+    """One group of bars per category, one bar per series (e.g. per run); NaN leaves a gap.
+
+    `errors`, per series, draws symmetric error bars of that half-width (e.g. a 95% interval)."""
     figure = Figure(figsize=(max(6.0, 1.2 * len(categories) * max(1, len(series)) / 2), 4.5))
     axes = figure.add_subplot()
     positions = np.arange(len(categories))
     width = 0.8 / max(1, len(series))
     for index, (name, values) in enumerate(series.items()):
-        axes.bar(positions + (index - (len(series) - 1) / 2) * width, values, width, label=name)
+        yerr = None if errors is None else np.nan_to_num(np.asarray(errors[name], dtype=float), nan=0.0)
+        axes.bar(
+            positions + (index - (len(series) - 1) / 2) * width, values, width, label=name, yerr=yerr, capsize=3
+        )
     axes.set_xticks(positions, list(categories), rotation=20, ha="right", fontsize="small")
     axes.set(ylabel=ylabel, title=title)
     axes.legend(fontsize="small")
