@@ -1,11 +1,14 @@
 """Embedding sets: ID class embeddings in a generator's conditioning space, stored as safetensors.
 
-An embedding set is Stage A's output (SPEC section 1): per ID class c the vectors E_c, all in one
-conditioning space. The space id travels with the vectors so the generator can refuse a set made
-for another model. Files are safetensors (never pickles):
+An embedding set is Stage A's output (docs/METHOD.md, Stage A: ID embeddings): per ID class c the
+vectors E_c, all in one conditioning space. The space id travels with the vectors so the generator
+can refuse a set made for another model. Files are safetensors (never pickles):
 
     tensors   "embeddings" float32 (N, D), "labels" int64 (N,)
-    metadata  "schema_version" ("1"), "space", "class_names" (JSON list), "source"
+    metadata  "space", "class_names" (JSON list), "source" (may be empty); "schema_version" ("1")
+
+A file without "schema_version" is read as the current version: the key exists so a later format
+can be told apart, and a client writing version 1 by hand need not know about it. We always write it.
 
 This module imports numpy and safetensors only: the API process validates uploads with it.
 """
@@ -38,6 +41,8 @@ __all__ = [
 EMBEDDING_SCHEMA_VERSION = 1
 TENSOR_KEYS = ("embeddings", "labels")
 METADATA_KEYS = ("schema_version", "space", "class_names", "source")
+#: Metadata an upload must carry; a missing schema_version means the current one.
+REQUIRED_METADATA_KEYS = ("space", "class_names", "source")
 
 
 @dataclass(frozen=True)
@@ -177,13 +182,15 @@ def embedding_set_from_bytes(data: bytes, name: str = "upload") -> EmbeddingSet:
         raise EmbeddingSetError(
             f"{name}: unexpected tensors {unexpected}; only {list(TENSOR_KEYS)} belong here"
         )
-    missing = [key for key in METADATA_KEYS if key not in metadata]
+    missing = [key for key in REQUIRED_METADATA_KEYS if key not in metadata]
     if missing:
-        raise EmbeddingSetError(f"{name}: metadata key {missing[0]!r} is missing")
-    if metadata["schema_version"] != str(EMBEDDING_SCHEMA_VERSION):
         raise EmbeddingSetError(
-            f"{name}: metadata schema_version is {metadata['schema_version']!r}, "
-            f"this version reads {EMBEDDING_SCHEMA_VERSION}"
+            f"{name}: metadata key {missing[0]!r} is missing (required: {', '.join(REQUIRED_METADATA_KEYS)})"
+        )
+    schema_version = metadata.get("schema_version", str(EMBEDDING_SCHEMA_VERSION))
+    if schema_version != str(EMBEDDING_SCHEMA_VERSION):
+        raise EmbeddingSetError(
+            f"{name}: metadata schema_version is {schema_version!r}, this version reads {EMBEDDING_SCHEMA_VERSION}"
         )
     try:
         class_names = json.loads(metadata["class_names"])

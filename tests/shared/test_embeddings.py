@@ -181,6 +181,24 @@ def test_missing_metadata_key_is_named():
         embedding_set_from_bytes(data, name="mine.safetensors")
 
 
+def test_missing_schema_version_reads_as_the_current_one():
+    # The README's upload contract names space, class_names and source; schema_version may be left out.
+    es = make_embedding_set()
+    data = raw_file_bytes({"embeddings": es.embeddings, "labels": es.labels}, schema_version=None, source="mine")
+
+    loaded = embedding_set_from_bytes(data)
+
+    assert_same_set(loaded, replace(es, source="mine"))
+    assert loaded.content_id() == embedding_set_from_bytes(embedding_set_to_bytes(loaded)).content_id()
+
+
+def test_missing_source_is_named_with_every_required_key():
+    es = make_embedding_set()
+    data = raw_file_bytes({"embeddings": es.embeddings, "labels": es.labels}, source=None)
+    with pytest.raises(EmbeddingSetError, match="metadata key 'source' is missing \\(required: space, class_names, source\\)"):
+        embedding_set_from_bytes(data)
+
+
 def test_unknown_schema_version_is_named():
     es = make_embedding_set()
     data = raw_file_bytes({"embeddings": es.embeddings, "labels": es.labels}, schema_version="2")

@@ -2,15 +2,31 @@
 
 Pure pydantic, no torch: the API validates with it, the worker runs from it, and every shard's
 provenance and the manifest record it. Limits that depend on deployment settings (most outliers,
-most steps) are checked in `check_limits`, so a 422 names the field either way.
+most steps) are checked in `check_limits`, so a 422 names the field either way; checks against the
+generator and the embeddings are in `oal_synth.validation`.
+
+Numbers are strict: JSON `true` is not the count 1 and `"5"` is not 5 (a float field takes an
+integer, never a bool). `embeddings` is a tagged union keyed on which of its keys is present, so a
+client sends `{"set_id": ...}` or `{"benchmark": ...}` and an error names the member's own field.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Annotated, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    StrictBool,
+    StrictFloat,
+    StrictInt,
+    Tag,
+    field_validator,
+    model_validator,
+)
 
 from oal_shared.settings import Settings
 
@@ -23,13 +39,15 @@ class SamplerConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    k: int = Field(300, ge=1, le=10_000, description="k of the k-th nearest-neighbour distance (query is its own 1st).")
-    select: int = Field(50, ge=1, le=10_000, description="Boundary points per class (largest k-th-NN distance).")
-    sigma: float = Field(0.07, gt=0, le=10, description="Std of the Gaussian noise around a boundary point.")
-    n_candidates: int = Field(1500, ge=1, le=100_000, description="Noisy candidates drawn per boundary point.")
-    keep: int = Field(2, ge=1, le=1000, description="Lowest-density candidates kept per boundary point.")
-    classes: list[int] | None = Field(None, description="ID class indices to synthesise for; all when null.")
-    faithful_knn_bug: bool = Field(
+    k: StrictInt = Field(
+        300, ge=1, le=10_000, description="k of the k-th nearest-neighbour distance (query is its own 1st)."
+    )
+    select: StrictInt = Field(50, ge=1, le=10_000, description="Boundary points per class (largest k-th-NN distance).")
+    sigma: StrictFloat = Field(0.07, gt=0, le=10, description="Std of the Gaussian noise around a boundary point.")
+    n_candidates: StrictInt = Field(1500, ge=1, le=100_000, description="Noisy candidates drawn per boundary point.")
+    keep: StrictInt = Field(2, ge=1, le=1000, description="Lowest-density candidates kept per boundary point.")
+    classes: list[StrictInt] | None = Field(None, description="ID class indices to synthesise for; all when null.")
+    faithful_knn_bug: StrictBool = Field(
         False, description="Reproduce the reference code's wrong candidate indexing (for comparison only)."
     )
 
@@ -56,20 +74,24 @@ class DiffusionConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     scheduler: Literal["ddim", "pndm", "dpm-solver"] = Field("ddim", description="Sampler algorithm by name.")
-    steps: int = Field(50, ge=1, description="Denoising steps.")
-    guidance_scale: float = Field(7.5, ge=1.0, le=50.0, description="Classifier-free guidance; 1 disables it.")
+    steps: StrictInt = Field(50, ge=1, description="Denoising steps.")
+    guidance_scale: StrictFloat = Field(7.5, ge=1.0, le=50.0, description="Classifier-free guidance; 1 disables it.")
     dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
         "auto", description="Model dtype; auto = float16 on CUDA, float32 on CPU."
     )
-    batch_size: int = Field(64, ge=1, le=4096, description="Outliers denoised per forward batch.")
-    height: int | None = Field(None, ge=8, le=2048, description="Image height in pixels; generator default if null.")
-    width: int | None = Field(None, ge=8, le=2048, description="Image width in pixels; generator default if null.")
+    batch_size: StrictInt = Field(64, ge=1, le=4096, description="Outliers denoised per forward batch.")
+    height: StrictInt | None = Field(
+        None, ge=8, le=2048, description="Image height in pixels; generator default if null."
+    )
+    width: StrictInt | None = Field(
+        None, ge=8, le=2048, description="Image width in pixels; generator default if null."
+    )
 
 
 class ShardConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    max_samples: int = Field(1000, ge=1, description="Most samples per shard.")
+    max_samples: StrictInt = Field(1000, ge=1, description="Most samples per shard.")
     latent_dtype: Literal["float16", "float32"] = Field("float16", description="dtype of latent.npy.")
 
 
@@ -83,7 +105,56 @@ class EmbeddingsFromBenchmark(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     benchmark: Literal["fmnist-osr"] = Field(description="Embed this benchmark's ID train split with the generator.")
-    per_class: int = Field(500, ge=2, le=100_000, description="ID training images embedded per class.")
+    per_class: StrictInt = Field(500, ge=2, le=100_000, description="ID training images embedded per class.")
+
+
+EMBEDDINGS_FROM_SET = "set"
+EMBEDDINGS_FROM_BENCHMARK = "benchmark"
+#: Tags of the `embeddings` union; pydantic puts the tag into an error's location, after "embeddings".
+EMBEDDINGS_TAGS = (EMBEDDINGS_FROM_SET, EMBEDDINGS_FROM_BENCHMARK)
+EMBEDDINGS_SHAPE_MESSAGE = (
+    "needs exactly one of the keys set_id (an uploaded embedding set) or benchmark "
+    "(a benchmark whose ID train images the worker embeds)"
+)
+
+
+def embeddings_source(value: Any) -> str | None:
+    """The union tag of an `embeddings` value: which key a dict has, or which model an instance is.
+
+    None (neither key, or both) makes pydantic report one error at `embeddings` itself.
+    """
+    if isinstance(value, EmbeddingsFromSet):
+        return EMBEDDINGS_FROM_SET
+    if isinstance(value, EmbeddingsFromBenchmark):
+        return EMBEDDINGS_FROM_BENCHMARK
+    if isinstance(value, dict):
+        has_set, has_benchmark = "set_id" in value, "benchmark" in value
+        if has_set != has_benchmark:
+            return EMBEDDINGS_FROM_SET if has_set else EMBEDDINGS_FROM_BENCHMARK
+    return None
+
+
+EmbeddingsSource = Annotated[
+    Annotated[EmbeddingsFromSet, Tag(EMBEDDINGS_FROM_SET)]
+    | Annotated[EmbeddingsFromBenchmark, Tag(EMBEDDINGS_FROM_BENCHMARK)],
+    Discriminator(
+        embeddings_source,
+        custom_error_type="embeddings_source",
+        custom_error_message=EMBEDDINGS_SHAPE_MESSAGE,
+    ),
+]
+
+
+def field_path(loc: tuple[int | str, ...]) -> str:
+    """Dotted request-field path of a pydantic error location within a JobSpec.
+
+    Drops the union tag pydantic inserts after `embeddings` (("embeddings", "set", "set_id") is
+    the field embeddings.set_id); every other part is a field name or a list index.
+    """
+    parts = [str(part) for part in loc]
+    if len(parts) >= 2 and parts[0] == "embeddings" and parts[1] in EMBEDDINGS_TAGS:
+        del parts[1]
+    return ".".join(parts)
 
 
 class JobSpec(BaseModel):
@@ -92,9 +163,13 @@ class JobSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     generator: str = Field(description="Generator id from GET /v1/generators, or a folder under the generator root.")
-    embeddings: EmbeddingsFromSet | EmbeddingsFromBenchmark
-    num_outliers: int = Field(ge=1, description="Outliers to write in total, spread evenly over classes.")
-    seed: int = Field(0, ge=0, le=2**63 - 1, description="Seed of sampling and diffusion; same seed, same shards.")
+    embeddings: EmbeddingsSource = Field(
+        description="Where the ID embeddings come from: {set_id} or {benchmark, per_class}."
+    )
+    num_outliers: StrictInt = Field(ge=1, description="Outliers to write in total, spread evenly over classes.")
+    seed: StrictInt = Field(
+        0, ge=0, le=2**63 - 1, description="Seed of sampling and diffusion; same seed, same shards."
+    )
     sampler: SamplerConfig = SamplerConfig()
     diffusion: DiffusionConfig = DiffusionConfig()
     shards: ShardConfig = ShardConfig()

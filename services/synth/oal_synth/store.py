@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ import numpy as np
 
 from oal_shared.embeddings import EmbeddingSet, embedding_set_from_bytes, load_embedding_set
 from oal_shared.errors import DataNotFoundError, EmbeddingSetError
+from oal_shared.fsio import atomic_write_bytes
 from oal_shared.paths import safe_join
 from oal_shared.settings import Settings
 
@@ -71,9 +70,10 @@ class EmbeddingSetStore:
         created = not self._tensor_path(set_id).exists()
         if created:
             self.root.mkdir(parents=True, exist_ok=True)
-            # Tensors first, summary last: a summary on disk means a complete set.
-            _write_atomic(self._tensor_path(set_id), data)
-            _write_atomic(self._summary_path(set_id), json.dumps(summary, indent=2).encode())
+            # Tensors first, summary last: a summary on disk means a complete set (each written
+            # through a temp file, fsync and rename, so neither is ever half there).
+            atomic_write_bytes(self._tensor_path(set_id), data)
+            atomic_write_bytes(self._summary_path(set_id), json.dumps(summary, indent=2).encode())
             logger.info(
                 "embedding set %s stored (%d x %d, space %s)",
                 set_id,
@@ -114,17 +114,3 @@ class EmbeddingSetStore:
                 f"no embedding set {set_id!r}: ids are 8-64 lowercase hex characters"
             )
         return set_id
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Write, fsync, rename: readers see the old file or the whole new one, never a part."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

@@ -16,7 +16,7 @@ from oal_shared import __version__
 from oal_shared.settings import Settings, get_settings
 from oal_synth.api.errors import install_error_handlers
 from oal_synth.api.metrics import ApiMetrics
-from oal_synth.api.middleware import BodyLimitMiddleware, RequestMetricsMiddleware
+from oal_synth.api.middleware import BodyLimitMiddleware, RequestContextMiddleware, RequestMetricsMiddleware
 from oal_synth.api.routes import embedding_sets, generators, health, jobs
 from oal_synth.queue import connect, synthesis_queue
 from oal_synth.store import EmbeddingSetStore
@@ -27,7 +27,8 @@ DESCRIPTION = """Latent-space outlier synthesis (OAL). Submit a job naming a gen
 (an uploaded set, or a benchmark the worker embeds); workers sample low-density boundary outliers and
 denoise each into a latent, written as WebDataset shards with a manifest.
 
-Errors are JSON `{"error": {"code", "message", "field"}}`. When `OAL_API_TOKEN` is set, POST and
+Errors are JSON `{"error": {"code", "message", "field", "request_id"}}`; every answer carries its
+request id in `X-Request-ID` (a sane id the client sent is kept). When `OAL_API_TOKEN` is set, POST and
 DELETE need `Authorization: Bearer <token>`."""
 
 
@@ -39,14 +40,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.redis = connect(settings)
     app.state.queue = synthesis_queue(app.state.redis, settings)
     app.state.store = EmbeddingSetStore.from_settings(settings)
-    app.state.metrics = ApiMetrics()
+    app.state.metrics = ApiMetrics(app.state.queue)  # its own registry: apps in one process count apart
 
     install_error_handlers(app)
     for router in (jobs.router, generators.router, embedding_sets.router, health.router):
         app.include_router(router)
-    # Added last = outermost: requests are counted even when the body limit refuses them.
+    # Added last = outermost: requests are counted even when the body limit refuses them, and every
+    # answer (a 413 from the body limit, a 500 from anything unhandled) carries the request id.
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes)
     app.add_middleware(RequestMetricsMiddleware, metrics=app.state.metrics)
+    app.add_middleware(RequestContextMiddleware)
     logger.info("API ready: queue %s, Redis %s", settings.queue_name, _redacted(settings.redis_url))
     return app
 

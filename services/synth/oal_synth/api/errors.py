@@ -1,14 +1,17 @@
-"""Every error leaves the API as JSON `{"error": {"code", "message", "field"?}}`, never as a bare 500.
+"""Every error leaves the API as JSON `{"error": {"code", "message", "field"?, "request_id"}}`.
 
 The message says what to change; `field` is the dotted path of the request field at fault
-(`sampler.k`, `embeddings.set_id`, `generator`). Handlers map:
-pydantic validation -> 422, our OALError family -> 4xx, Redis away -> 503 with Retry-After.
+(`sampler.k`, `embeddings.set_id`, `generator`); `request_id` is the one in the `X-Request-ID`
+header and in the server's log. Handlers map: pydantic validation -> 422 (the same problems the
+worker reports, from `oal_synth.validation`), our OALError family -> 4xx, Redis away -> 503 with
+Retry-After, Redis refusing our credentials -> 503, any other Redis error -> 500. Anything else
+that escapes a route is answered 500 by `RequestContextMiddleware` (api/middleware.py), which
+logs the traceback with the request id.
 """
 
 from __future__ import annotations
 
 import logging
-import re
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -26,7 +29,9 @@ from oal_shared.errors import (
     SpaceMismatchError,
     UnsafePathError,
 )
+from oal_synth.api.request_id import request_id_of
 from oal_synth.queue import JobNotFoundError, JobStateError
+from oal_synth.validation import spec_problems
 
 logger = logging.getLogger(__name__)
 
@@ -34,11 +39,14 @@ logger = logging.getLogger(__name__)
 REDIS_RETRY_AFTER_S = 5
 QUEUE_FULL_RETRY_AFTER_S = 30
 
-# Validation loc entries that are not request fields: where the value came from, union member names.
+# Where a validation error's value came from; not part of the request field's path.
 _LOC_SOURCES = {"body", "query", "path", "header", "cookie"}
-_UNION_MEMBER = re.compile(r"^[A-Z][A-Za-z0-9]*$")
-# Error types that say "this is the wrong union member" rather than "this value is wrong".
-_SHAPE_ERRORS = {"missing", "extra_forbidden"}
+# Redis refusing this client rather than failing: a wrong password in OAL_REDIS_URL, or an ACL.
+_REDIS_REFUSALS = (
+    redis.exceptions.AuthenticationError,
+    redis.exceptions.AuthorizationError,
+    redis.exceptions.NoPermissionError,
+)
 
 
 class APIError(Exception):
@@ -63,74 +71,53 @@ class APIError(Exception):
 
 
 def error_body(
-    code: str, message: str, field: str | None = None, details: list[dict[str, str]] | None = None
+    code: str,
+    message: str,
+    field: str | None = None,
+    details: list[dict[str, str]] | None = None,
+    request_id: str | None = None,
 ) -> dict[str, Any]:
     error: dict[str, Any] = {"code": code, "message": message}
     if field is not None:
         error["field"] = field
     if details:
         error["details"] = details
+    if request_id is not None:
+        error["request_id"] = request_id
     return {"error": error}
 
 
-def error_response(error: APIError) -> JSONResponse:
+def error_response(error: APIError, request: Request | None = None) -> JSONResponse:
+    request_id = request_id_of(request) if request is not None else None
     return JSONResponse(
-        error_body(error.code, error.message, error.field, error.details),
+        error_body(error.code, error.message, error.field, error.details, request_id),
         status_code=error.status_code,
         headers=error.headers,
     )
 
 
-# ---------------------------------------------------------------------------- validation errors
+def validation_error(problems: list[dict[str, str]], code: str = "invalid_request") -> APIError:
+    """A 422 naming the first field at fault, every problem in `details`."""
+    first = problems[0] if problems else {"field": "body", "message": "invalid request"}
+    message = "; ".join(f"{p['field']}: {p['message']}" for p in problems) or first["message"]
+    return APIError(422, code, message, field=first["field"], details=problems)
 
 
-def validation_problems(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """pydantic errors -> [{field, message}], with union noise removed.
-
-    A value for `embeddings` is tried against each union member, so pydantic reports errors for
-    every member (`embeddings.EmbeddingsFromSet.set_id` missing, ...). We keep the errors of the
-    member the client evidently meant (fewest missing/unexpected keys) and drop member names from
-    the path; when no member fits at all, one problem lists the keys each member needs.
-    """
-    plain: list[dict[str, str]] = []
-    by_union: dict[str, dict[str, list[tuple[str, str, str]]]] = {}
+def request_problems(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
+    """FastAPI's validation errors as [{field, message}]: JSON syntax errors, then the spec's own."""
+    problems = []
     for error in errors:
+        loc = tuple(error.get("loc", ()))
         if error.get("type") == "json_invalid":  # loc is ("body", character position)
-            position = error.get("loc", ("body", "?"))[-1]
             reason = (error.get("ctx") or {}).get("error", "invalid JSON")
-            plain.append({"field": "body", "message": f"not valid JSON ({reason} at character {position})"})
+            problems.append(
+                {"field": "body", "message": f"not valid JSON ({reason} at character {loc[-1] if loc else '?'})"}
+            )
             continue
-        loc = [str(part) for part in error.get("loc", ()) if str(part) not in _LOC_SOURCES]
-        message = _clean_message(error)
-        member_at = next((i for i, part in enumerate(loc) if _UNION_MEMBER.match(part)), None)
-        if member_at is None:
-            plain.append({"field": ".".join(loc) or "body", "message": message})
-            continue
-        prefix, member = ".".join(loc[:member_at]), loc[member_at]
-        field = ".".join(loc[:member_at] + loc[member_at + 1 :])
-        by_union.setdefault(prefix, {}).setdefault(member, []).append((error.get("type", ""), field, message))
-    for prefix, members in by_union.items():
-        plain.extend(_pick_union_member(prefix, members))
-    return plain
-
-
-def _pick_union_member(prefix: str, members: dict[str, list[tuple[str, str, str]]]) -> list[dict[str, str]]:
-    def misfit(problems: list[tuple[str, str, str]]) -> tuple[int, int]:
-        return sum(kind in _SHAPE_ERRORS for kind, _, _ in problems), len(problems)
-
-    best = min(members.values(), key=misfit)
-    if misfit(best)[0] == len(best):  # every member is the wrong shape: say what each one needs
-        needs = [
-            "{" + ", ".join(field.rsplit(".", 1)[-1] for kind, field, _ in problems if kind == "missing") + "}"
-            for problems in members.values()
-        ]
-        return [{"field": prefix, "message": f"{prefix} must have the keys of one of: {' or '.join(needs)}"}]
-    return [{"field": field, "message": message} for _, field, message in best]
-
-
-def _clean_message(error: dict[str, Any]) -> str:
-    message = str(error.get("msg", "invalid value"))
-    return message.removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if loc and loc[0] in _LOC_SOURCES:
+            loc = loc[1:]
+        problems += [{"field": p.field, "message": p.message} for p in spec_problems([{**error, "loc": loc}])]
+    return problems
 
 
 # ---------------------------------------------------------------------------- handlers
@@ -145,14 +132,11 @@ def redis_location(redis_url: str) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
-        return error_response(exc)
+        return error_response(exc, request)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        problems = validation_problems(list(exc.errors()))
-        first = problems[0] if problems else {"field": "body", "message": "invalid request"}
-        message = "; ".join(f"{p['field']}: {p['message']}" for p in problems) or first["message"]
-        return error_response(APIError(422, "invalid_request", message, field=first["field"], details=problems))
+        return error_response(validation_error(request_problems(list(exc.errors()))), request)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -160,24 +144,64 @@ def install_error_handlers(app: FastAPI) -> None:
         message = exc.detail if isinstance(exc.detail, str) else "request refused"
         if exc.status_code == 404 and message == "Not Found":
             message = f"no route {request.method} {request.url.path}; see /docs for the API"
-        return error_response(APIError(exc.status_code, code, message, headers=getattr(exc, "headers", None)))
+        return error_response(APIError(exc.status_code, code, message, headers=getattr(exc, "headers", None)), request)
 
+    # Starlette picks the handler of the nearest class in the exception's MRO, so the refusals
+    # (AuthenticationError is a ConnectionError) are told apart from an outage.
     @app.exception_handler(redis.exceptions.ConnectionError)
     @app.exception_handler(redis.exceptions.TimeoutError)
     async def _redis_away(request: Request, exc: redis.exceptions.RedisError) -> JSONResponse:
         where = redis_location(request.app.state.settings.redis_url)
-        logger.warning("Redis at %s unreachable while serving %s %s: %s", where, request.method, request.url.path, exc)
+        logger.warning(
+            "request %s: Redis at %s unreachable while serving %s %s: %s",
+            request_id_of(request),
+            where,
+            request.method,
+            request.url.path,
+            exc,
+        )
         message = (
             f"the job queue (Redis at {where}) is unreachable; nothing was changed. "
             f"Retry in {REDIS_RETRY_AFTER_S} s; if it persists, check that Redis is running"
         )
-        return error_response(
-            APIError(503, "queue_unavailable", message, headers={"Retry-After": str(REDIS_RETRY_AFTER_S)})
-        )
+        headers = {"Retry-After": str(REDIS_RETRY_AFTER_S)}
+        return error_response(APIError(503, "queue_unavailable", message, headers=headers), request)
+
+    for refusal in _REDIS_REFUSALS:
+        app.add_exception_handler(refusal, _redis_refused)
+    app.add_exception_handler(redis.exceptions.RedisError, _redis_failed)
 
     @app.exception_handler(OALError)
     async def _oal_error(request: Request, exc: OALError) -> JSONResponse:
-        return error_response(oal_error_to_api(exc))
+        return error_response(oal_error_to_api(exc), request)
+
+
+async def _redis_refused(request: Request, exc: Exception) -> JSONResponse:
+    where = redis_location(request.app.state.settings.redis_url)
+    logger.error("request %s: Redis at %s refused the API's credentials: %s", request_id_of(request), where, exc)
+    message = (
+        f"the job queue (Redis at {where}) refused this service's credentials ({type(exc).__name__}); "
+        "nothing was changed. The operator must fix the password or ACL in OAL_REDIS_URL"
+    )
+    return error_response(APIError(503, "queue_refused", message), request)
+
+
+async def _redis_failed(request: Request, exc: Exception) -> JSONResponse:
+    request_id = request_id_of(request)
+    where = redis_location(request.app.state.settings.redis_url)
+    logger.error(
+        "request %s: Redis at %s answered %s %s with an error",
+        request_id,
+        where,
+        request.method,
+        request.url.path,
+        exc_info=exc,
+    )
+    message = (
+        f"the job queue (Redis at {where}) answered with an error ({type(exc).__name__}); "
+        f"the server log has the details under request id {request_id}"
+    )
+    return error_response(APIError(500, "queue_error", message), request)
 
 
 def oal_error_to_api(exc: OALError) -> APIError:

@@ -1,17 +1,62 @@
-"""ASGI middleware: the request-body limit and per-route request counting.
+"""ASGI middleware: request ids and the last-resort 500, the request-body limit, per-route metrics.
 
-Both are plain ASGI (not BaseHTTPMiddleware), so a body is streamed through them, never buffered.
+All are plain ASGI (not BaseHTTPMiddleware), so a body is streamed through them, never buffered.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import time
 
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from oal_synth.api.errors import error_body
 from oal_synth.api.metrics import ApiMetrics
+from oal_synth.api.request_id import REQUEST_ID_HEADER, assign_request_id, request_id_of
+
+logger = logging.getLogger(__name__)
+
+
+class RequestContextMiddleware:
+    """Give each request an id (answered in `X-Request-ID`) and answer anything unhandled as JSON 500.
+
+    Outermost of our middleware, so it also sees what the others raise. An `Exception` handler
+    registered with Starlette would run in ServerErrorMiddleware, which re-raises after answering
+    (the server then logs the traceback a second time, without our id); catching here logs it
+    once, with the id the client got.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        request_id = assign_request_id(scope)
+        header = (REQUEST_ID_HEADER.lower().encode("latin-1"), request_id.encode("latin-1"))
+        response_started = False
+
+        async def send_with_id(message: Message) -> None:
+            nonlocal response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                message = {**message, "headers": [*message.get("headers", ()), header]}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_id)
+        except Exception:
+            logger.exception("request %s: unhandled error in %s %s", request_id, scope.get("method"), scope.get("path"))
+            if response_started:  # nothing can be said any more; the server closes the connection
+                raise
+            message = (
+                "unexpected server error; nothing is known to have changed. Quote request id "
+                f"{request_id} when reporting it"
+            )
+            await _send_error(send_with_id, 500, "internal_error", message, request_id)
 
 
 class BodyTooLargeError(StarletteHTTPException):
@@ -38,10 +83,12 @@ class BodyLimitMiddleware:
             return
         declared = _content_length(scope)
         if declared == -1:
-            await _send_error(send, 400, "bad_request", "Content-Length header is not a non-negative integer")
+            message = "Content-Length header is not a non-negative integer"
+            await _send_error(send, 400, "bad_request", message, request_id_of(scope))
             return
         if declared is not None and declared > self.max_body_bytes:
-            await _send_error(send, 413, "body_too_large", BodyTooLargeError(self.max_body_bytes).detail)
+            message = BodyTooLargeError(self.max_body_bytes).detail
+            await _send_error(send, 413, "body_too_large", message, request_id_of(scope))
             return
 
         received = 0
@@ -68,11 +115,11 @@ class BodyLimitMiddleware:
             # Routes that read the body themselves let this through; answer it here.
             if response_started:
                 raise
-            await _send_error(send, 413, "body_too_large", exc.detail)
+            await _send_error(send, 413, "body_too_large", exc.detail, request_id_of(scope))
 
 
 class RequestMetricsMiddleware:
-    """Count every answered request by method, route template (not raw path) and status."""
+    """Count and time every answered request by method, route template (not raw path) and status."""
 
     def __init__(self, app: ASGIApp, metrics: ApiMetrics):
         self.app = app
@@ -83,6 +130,7 @@ class RequestMetricsMiddleware:
             await self.app(scope, receive, send)
             return
         status = 500  # what the client gets if the app raises before answering
+        started = time.perf_counter()
 
         async def recording_send(message: Message) -> None:
             nonlocal status
@@ -93,9 +141,8 @@ class RequestMetricsMiddleware:
         try:
             await self.app(scope, receive, recording_send)
         finally:
-            route = scope.get("route")
-            template = getattr(route, "path", None) or "unmatched"
-            self.metrics.count_request(scope.get("method", "?"), template, status)
+            template = getattr(scope.get("route"), "path", None)  # set by the router when a route matched
+            self.metrics.count_request(scope.get("method", "?"), template, status, time.perf_counter() - started)
 
 
 def _content_length(scope: Scope) -> int | None:
@@ -107,8 +154,8 @@ def _content_length(scope: Scope) -> int | None:
     return None
 
 
-async def _send_error(send: Send, status: int, code: str, message: str) -> None:
-    body = json.dumps(error_body(code, message)).encode()
+async def _send_error(send: Send, status: int, code: str, message: str, request_id: str | None) -> None:
+    body = json.dumps(error_body(code, message, request_id=request_id)).encode()
     await send(
         {
             "type": "http.response.start",

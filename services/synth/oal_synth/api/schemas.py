@@ -70,8 +70,9 @@ class GeneratorList(BaseModel):
 class ErrorDetail(BaseModel):
     code: str
     message: str
-    field: str | None = None
-    details: list[dict[str, str]] | None = None
+    field: str | None = Field(None, description="Dotted path of the request field at fault.")
+    details: list[dict[str, str]] | None = Field(None, description="Every problem found: {field, message}.")
+    request_id: str | None = Field(None, description="The X-Request-ID of this answer; the server log has it too.")
 
 
 class ErrorOut(BaseModel):

@@ -1,6 +1,6 @@
 """Which generators exist, where their folders are, and loading them once per process.
 
-`list_generators` and `resolve_generator_path` read JSON files only: the API imports this module
+`list_generators`, `resolve_generator_path` and `find_generator` read JSON files only: the API imports this module
 and must stay free of torch and diffusers (a test checks `sys.modules` in a fresh interpreter).
 `load_generator` imports the model code lazily.
 
@@ -104,6 +104,23 @@ def resolve_generator_path(spec_id: str, settings: Settings) -> Path:
         f"generator {spec_id!r} is neither a known id ({', '.join(known)}) nor a diffusers folder under {root}"
         + (f"; run `oal-synth pretrain` to create {FMNIST_LDM_ID!r}" if spec_id == FMNIST_LDM_ID else "")
     )
+
+
+def find_generator(generator_id: str, settings: Settings) -> GeneratorInfo | None:
+    """The info of generator `generator_id` (an id, or a folder under the generator root), from JSON only.
+
+    None when the folder exists but describes itself only once loaded (a bare diffusers folder
+    without oal_generator.json); GeneratorNotFoundError, listing the known ids, when there is no
+    such generator.
+    """
+    for info in list_generators(settings):
+        if info.id == generator_id:
+            return info
+    folder = resolve_generator_path(generator_id, settings)
+    try:
+        return read_generator_info(folder)
+    except ConfigError:
+        return None
 
 
 _cache: dict[tuple[str, str, str, int], LatentGenerator] = {}

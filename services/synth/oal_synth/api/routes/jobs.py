@@ -6,13 +6,10 @@ from fastapi import APIRouter, Response, status
 
 from oal_shared.errors import ManifestError
 from oal_shared.paths import safe_join
-from oal_shared.settings import Settings
 from oal_shared.shards import read_manifest
 from oal_synth.api.deps import Authorized, MetricsDep, QueueDep, RedisDep, SettingsDep, StoreDep
-from oal_synth.api.errors import QUEUE_FULL_RETRY_AFTER_S, APIError
-from oal_synth.api.routes.generators import find_generator
+from oal_synth.api.errors import QUEUE_FULL_RETRY_AFTER_S, APIError, validation_error
 from oal_synth.api.schemas import ErrorOut, JobOut
-from oal_synth.generators.registry import GeneratorNotFoundError
 from oal_synth.queue import (
     enqueue_within_limit,
     fetch_job,
@@ -21,8 +18,8 @@ from oal_synth.queue import (
     queued_count,
     request_cancel,
 )
-from oal_synth.spec import EmbeddingsFromBenchmark, EmbeddingsFromSet, JobSpec
-from oal_synth.store import EmbeddingSetNotFoundError, EmbeddingSetStore
+from oal_synth.spec import JobSpec
+from oal_synth.validation import check_submission
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"])
 
@@ -52,7 +49,11 @@ def submit_job(
     store: StoreDep,
     metrics: MetricsDep,
 ) -> dict:
-    check_spec(spec, settings, store)
+    # What the schema cannot check (limits, generator, embeddings), in the worker's words too.
+    problems = check_submission(spec, settings, store)
+    if problems:
+        details = [{"field": p.field, "message": p.message} for p in problems]
+        raise validation_error(details, code=problems[0].code)
     # The count spares the queue a push when it is clearly full; enqueue_within_limit is exact.
     job = enqueue_within_limit(queue, spec, settings) if queued_count(queue) < settings.max_queued_jobs else None
     if job is None:
@@ -66,66 +67,6 @@ def submit_job(
     metrics.count_job_submitted()
     response.headers["Location"] = f"/v1/jobs/{job.id}"
     return job_view(job)
-
-
-def check_spec(spec: JobSpec, settings: Settings, store: EmbeddingSetStore) -> None:
-    """What the schema cannot check: deployment limits, the generator, the embedding set and its space."""
-    problems = spec.check_limits(settings)
-    if problems:
-        field, message = problems[0]
-        details = [{"field": f, "message": m} for f, m in problems]
-        raise APIError(422, "limit_exceeded", f"{field}: {message}", field=field, details=details)
-
-    try:
-        generator = find_generator(spec.generator, settings)
-    except GeneratorNotFoundError as exc:
-        raise APIError(422, "unknown_generator", str(exc), field="generator") from None
-
-    if isinstance(spec.embeddings, EmbeddingsFromBenchmark) and generator is not None:
-        if not generator.can_embed_images:
-            raise APIError(
-                422,
-                "invalid_request",
-                f"generator {generator.id!r} ({generator.kind}) cannot embed benchmark images: it is conditioned "
-                f"on token embeddings{f' (space {generator.space!r})' if generator.space else ''}; upload an "
-                "embedding set in that space (POST /v1/embedding-sets) and pass embeddings.set_id",
-                field="embeddings",
-            )
-
-    # A generator that has not described itself yet (tiny-random before its first build, a bare
-    # diffusers folder) has no space to compare here; the worker checks again after loading it.
-    if isinstance(spec.embeddings, EmbeddingsFromSet):
-        try:
-            summary = store.describe(spec.embeddings.set_id)
-        except EmbeddingSetNotFoundError as exc:
-            raise APIError(422, "unknown_embedding_set", str(exc), field="embeddings.set_id") from None
-        if generator is not None and generator.space and summary["space"] != generator.space:
-            raise APIError(
-                422,
-                "space_mismatch",
-                f"embedding set {summary['id']} lives in space {summary['space']!r}, but generator "
-                f"{generator.id!r} is conditioned on space {generator.space!r}; upload embeddings made "
-                "for this generator, or pick a generator of that space",
-                field="embeddings.set_id",
-            )
-        if generator is not None and summary["dim"] != generator.embed_dim:
-            raise APIError(
-                422,
-                "space_mismatch",
-                f"embedding set {summary['id']} has dim {summary['dim']}, generator {generator.id!r} "
-                f"expects {generator.embed_dim}",
-                field="embeddings.set_id",
-            )
-        num_classes = len(summary["classes"])
-        beyond = [c for c in spec.sampler.classes or () if c >= num_classes]
-        if beyond:
-            raise APIError(
-                422,
-                "invalid_request",
-                f"sampler.classes names {beyond}, but embedding set {summary['id']} has {num_classes} "
-                f"classes (0..{num_classes - 1})",
-                field="sampler.classes",
-            )
 
 
 @router.get("/{job_id}", response_model=JobOut, responses={404: {"model": ErrorOut}}, summary="Read a job")
