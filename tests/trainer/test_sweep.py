@@ -151,3 +151,9 @@ def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path):
             _lock_sweep_folder(tmp_path)
     finally:
         held.close()
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parents[2] / "benchmarks" / "sweeps").glob("*.toml")))
+def test_the_committed_sweep_files_resolve(path, tmp_path):
+    runs = resolve_runs(read_sweep_file(path), tmp_path)
+    assert runs and all(run.config.seed in (read_sweep_file(path).seeds + [0]) for run in runs)
