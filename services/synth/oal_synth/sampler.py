@@ -1,6 +1,6 @@
 """Stage B of the method: low-likelihood boundary sampling in the conditioning space (NPOS style).
 
-Per class c with L2-normalised embeddings E_c (N x D), following SPEC section 1:
+Per class c with L2-normalised embeddings E_c (N x D), following docs/METHOD.md, Stage B:
 
 1. d_k(x) = distance from x to its k-th nearest neighbour in E_c (x counts as its own 1st).
 2. Boundary points B: the `select` points of E_c with the largest d_k.

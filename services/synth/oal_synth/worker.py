@@ -12,7 +12,10 @@ on a CPU, longer on a GPU) and must not happen after CUDA is initialised. `Synth
   (at start-up and every `maintenance_interval`) finds entries whose TTL ran out while the job is
   still STARTED, and calls `job.retry()` when `retries_left > 0` (else moves it to failed). The job
   then runs again on some worker and resumes from the shards already on disk. So a killed worker's
-  job is picked up within about `3 * heartbeat_s + maintenance_interval` seconds.
+  job is picked up within about `3 * heartbeat_s + maintenance_interval` seconds by any idle worker.
+  RQ runs maintenance only between two blocking waits on the queue, and an idle worker waits
+  `worker_ttl - 15` s (405 s by default) per block; `dequeue_timeout` is bounded by the
+  maintenance interval here so that an idle worker keeps the promise too.
 - Graceful stop and cooperative cancel. SIGTERM (first signal) asks the running job to stop at
   its next batch; the worker puts it back at the front of the queue (no retry is used up) and
   exits. A job whose cancel flag is set stops at its next batch and ends STOPPED, not retried.
@@ -79,6 +82,14 @@ class SynthesisWorker(SimpleWorker):
         self._beats: threading.Thread | None = None
         self._requeue_job_id: str | None = None
         self.push_exc_handler(self._sort_failure)
+
+    # -- maintenance while idle ----------------------------------------------------------------
+
+    @property
+    def dequeue_timeout(self) -> int:
+        # RQ blocks an idle worker on the queue for this long before its loop checks whether
+        # maintenance is due; never longer than the maintenance interval, or abandoned jobs wait.
+        return max(1, min(super().dequeue_timeout, int(self.maintenance_interval)))
 
     # -- heartbeats ---------------------------------------------------------------------------
 

@@ -66,7 +66,7 @@ class ResNet(nn.Module):
         self.feature_dim = spec.widths[-1]
         first = spec.widths[0]
         if spec.stem == "stride2":
-            # Halving 28x28 at once cuts compute 4x at the same accuracy (MACHINE-NOTES).
+            # Halving 28x28 at once cuts compute 4x at the same accuracy (docs/BENCHMARKS.md).
             stem = [nn.Conv2d(in_channels, first, 3, stride=2, padding=1, bias=False)]
         elif spec.stem == "cifar":
             stem = [nn.Conv2d(in_channels, first, 3, stride=1, padding=1, bias=False)]

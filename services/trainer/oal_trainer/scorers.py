@@ -30,7 +30,7 @@ class Scorer(Protocol):
 
 @dataclass(frozen=True)
 class EnergyScorer:
-    """Negative free energy T * logsumexp(z / T) (Liu et al. 2020); T = 1 by default (SPEC stage E)."""
+    """Negative free energy T * logsumexp(z / T) (Liu et al. 2020); T = 1 by default (docs/METHOD.md, Stage E)."""
 
     name: str = "energy"
     temperature: float = 1.0

@@ -6,7 +6,7 @@ ways, chosen by `teacher_mode`:
   stored as safetensors under a key that hashes the teacher's weights (sha256 of model.safetensors),
   the exact input tensor and the model name; a changed teacher or data set never reads a stale cache.
   Valid only when the student also sees un-augmented images (the config refuses augment + cache).
-- "live": the teacher runs on every (augmented) batch; MACHINE-NOTES measured 3x slower steps.
+- "live": the teacher runs on every (augmented) batch; measured 3x slower steps (docs/BENCHMARKS.md, Sizing measurements).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The embedded generator's conditioning space: a small CNN that maps an image to a unit vector.
 
-Trained Dream-OOD style (SPEC Stage A): the embedding z = normalise(f(x)) is classified by cosine
+Trained Dream-OOD style (docs/METHOD.md, Stage A): the embedding z = normalise(f(x)) is classified by cosine
 similarity to learned class anchors a_c, logits_c = cos(z, a_c) / tau with tau = 0.1, under
 cross-entropy. The low temperature pulls each class into a tight cluster around its anchor and
 pushes the clusters apart, so boundary sampling in this space finds meaningful low-density regions.
@@ -79,7 +79,7 @@ class ConditionEncoder(nn.Module):
         self.config = config
         stages, channels = [], 1
         for width in config.widths:
-            # A stride-2 conv first (MACHINE-NOTES: 4x cheaper than full resolution, same accuracy).
+            # A stride-2 conv first (docs/BENCHMARKS.md: 4x cheaper than full resolution, same accuracy).
             stages += [_conv_bn_relu(channels, width, stride=2), _conv_bn_relu(width, width, stride=1)]
             channels = width
         self.features = nn.Sequential(*stages)

@@ -1,4 +1,4 @@
-"""Stable Diffusion as an outlier generator: the paper's Stage C (SPEC section 1).
+"""Stable Diffusion as an outlier generator: the paper's Stage C (docs/METHOD.md, Stage C).
 
 The conditioning space is the text encoder's token-embedding space (its input embeddings, dim =
 hidden size). An outlier embedding v for class c conditions SD like this:
@@ -149,7 +149,7 @@ class StableDiffusionGenerator:
 
         def swap_class_rows(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
             # output (B, T, D): token rows. Replace class-word rows by the outlier's direction times
-            # the norm of the row it replaces (SPEC: rescaled to that token embedding's norm).
+            # the norm of the row it replaces (docs/METHOD.md, Stage B: rescaled to that token embedding's norm).
             norms = output.float().norm(dim=-1, keepdim=True)  # (B, T, 1)
             swapped = directions[:, None, :] * norms  # (B, T, D)
             return torch.where(replace[..., None], swapped.to(output.dtype), output)
