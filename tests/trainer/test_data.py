@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +12,8 @@ import pytest
 import torch
 
 from oal_shared.data.benchmark import load_benchmark
-from oal_shared.errors import ConfigError, ShardError
+from oal_shared.errors import ConfigError, ManifestError, ShardError
+from oal_shared.shards import MANIFEST_NAME, describe_shard, read_manifest, write_manifest
 from oal_trainer.data import (
     InMemoryOutliers,
     OutlierStream,
@@ -22,7 +26,8 @@ from oal_trainer.data import (
     slice_benchmark,
     steps_per_epoch,
 )
-from tests.utils.trainer_runs import EMBED_DIM, LATENT_SHAPE, write_test_shards, write_tiny_vae
+from tests.utils.shards import TEST_GENERATOR
+from tests.utils.trainer_runs import EMBED_DIM, LATENT_SHAPE, write_test_shards
 
 torch.set_num_threads(1)
 
@@ -172,8 +177,74 @@ def test_a_bad_shard_can_be_skipped_and_counted(tmp_path):
 
 
 def test_an_empty_shard_folder_is_refused(tmp_path):
-    with pytest.raises(ConfigError, match="no outliers-\\*.tar files"):
+    with pytest.raises(ManifestError, match=f"{re.escape(str(tmp_path))}: no manifest.json and no shards"):
         OutlierStream(tmp_path, batch_size=4, steps_per_epoch=1, seed=0)
+
+
+@pytest.mark.parametrize("source_cls", [OutlierStream, InMemoryOutliers])
+def test_a_job_still_running_is_refused(tmp_path, source_cls):
+    # What a running job leaves: finished shards, and no manifest yet (it is written last).
+    shard_dir = write_test_shards(tmp_path / "job", num_shards=2, per_shard=4)
+    (shard_dir / MANIFEST_NAME).unlink()
+    with pytest.raises(
+        ManifestError, match=f"{re.escape(str(shard_dir))}: 2 shards but no manifest.json: .*still running.*crashed"
+    ):
+        source_cls(shard_dir, batch_size=4, steps_per_epoch=1, seed=0)
+
+
+def test_sources_take_shapes_and_shards_from_the_manifest(shard_dir):
+    stream = OutlierStream(shard_dir, batch_size=4, steps_per_epoch=1, seed=0)
+    manifest = read_manifest(shard_dir)
+    assert stream.manifest.document == manifest
+    assert stream.latent_shape == tuple(manifest["layout"]["latent_shape"]) == LATENT_SHAPE
+    assert stream.embed_dim == manifest["layout"]["embed_dim"] == EMBED_DIM
+    assert stream.urls == [str(shard_dir / entry["name"]) for entry in manifest["shards"]]
+    assert stream.manifest.generator.content_hash == manifest["generator"]["content_hash"]
+    assert stream.manifest.num_samples == 48
+
+
+def test_a_shard_the_manifest_does_not_list_is_not_read(tmp_path):
+    shard_dir = write_test_shards(tmp_path, num_shards=2, per_shard=4)
+    (shard_dir / "outliers-000001.tar").rename(shard_dir / "outliers-000007.tar")
+    write_manifest(shard_dir, {}, [describe_shard(shard_dir / "outliers-000000.tar")], generator=TEST_GENERATOR)
+    memory = InMemoryOutliers(shard_dir, batch_size=4, steps_per_epoch=1, seed=0)
+    assert len(memory.data) == 4, "only the listed shard is loaded"
+
+
+def test_a_sample_unlike_the_manifest_layout_is_a_bad_sample(tmp_path):
+    shard_dir = write_test_shards(tmp_path, num_shards=2, per_shard=4)
+    path = shard_dir / MANIFEST_NAME
+    document = json.loads(path.read_text())
+    document["layout"]["embed_dim"] = EMBED_DIM + 1
+    path.write_text(json.dumps(document))
+    with pytest.raises(ShardError, match=rf"embedding \({EMBED_DIM},\), but the manifest has"):
+        InMemoryOutliers(shard_dir, batch_size=4, steps_per_epoch=1, seed=0)
+
+
+@pytest.fixture(scope="module")
+def few_outliers(tmp_path_factory) -> Path:
+    """A job with 5 outliers, fewer than one batch of 8."""
+    return write_test_shards(tmp_path_factory.mktemp("few"), num_shards=1, per_shard=5)
+
+
+def test_in_memory_batches_are_full_when_the_job_has_fewer_outliers_than_a_batch(few_outliers, caplog):
+    with caplog.at_level(logging.WARNING, logger="oal_trainer.data"):
+        memory = InMemoryOutliers(few_outliers, batch_size=8, steps_per_epoch=4, seed=0)
+    assert "has 5 outliers, fewer than the 8 each step takes" in caplog.text
+    batches = list(memory.epoch(0))
+    assert [len(b) for b in batches] == [8] * 4
+    assert all(b.embeddings.shape == (8, EMBED_DIM) and b.latents.shape == (8, *LATENT_SHAPE) for b in batches)
+    for batch in batches:
+        assert len(set(batch.keys)) == 5, "each batch holds every outlier, some twice"
+
+
+def test_stream_batches_are_full_when_the_job_has_fewer_outliers_than_a_batch(few_outliers, caplog):
+    with caplog.at_level(logging.WARNING, logger="oal_trainer.data"):
+        stream = OutlierStream(few_outliers, batch_size=8, steps_per_epoch=4, seed=0, shuffle_buffer=4)
+    assert "has 5 outliers, fewer than the 8 each step takes" in caplog.text
+    batches = list(stream.epoch(0))
+    assert [len(b) for b in batches] == [8] * 4
+    assert all(b.latents.shape == (8, *LATENT_SHAPE) for b in batches)
 
 
 def test_latent_reductions():
@@ -183,40 +254,3 @@ def test_latent_reductions():
     reference = reduce_latents(latents, "mean_ch_h")
     assert reference.shape == (3, reduced_latent_dim(LATENT_SHAPE, "mean_ch_h")) == (3, 8)
     torch.testing.assert_close(reference[1, 5], latents[1, :, :, 5].mean())
-
-
-def test_pixel_decoder_gives_standardised_id_sized_images(tmp_path, benchmark):
-    from oal_trainer.decode import DecodedOutliers, PixelDecoder
-
-    generator = write_tiny_vae(tmp_path / "generator")
-    shard_dir = write_test_shards(tmp_path / "shards", num_shards=2, per_shard=6)
-    decoder = PixelDecoder(
-        generator,
-        image_size=28,
-        in_channels=1,
-        mean=benchmark.mean,
-        std=benchmark.std,
-        device=torch.device("cpu"),
-    )
-    stream = InMemoryOutliers(shard_dir, batch_size=4, steps_per_epoch=1, seed=0)
-    batch = next(stream.epoch(0))
-    live = decoder.decode(batch.latents)
-    assert live.shape == (4, 1, 28, 28)
-    raw = live * benchmark.std[0] + benchmark.mean[0]
-    assert raw.min() >= -1e-5 and raw.max() <= 1 + 1e-5, "decoded pixels lie in [0, 1] before standardising"
-
-    urls = [str(p) for p in sorted(shard_dir.glob("outliers-*.tar"))]
-    decoded = DecodedOutliers(decoder, urls, tmp_path / "cache", batch_size=5)
-    torch.testing.assert_close(decoded.lookup(batch.keys), live, rtol=1e-4, atol=1e-4)
-    assert len(list((tmp_path / "cache").iterdir())) == 1
-    cached = DecodedOutliers(decoder, urls, tmp_path / "cache")
-    assert torch.equal(cached.images, decoded.images)
-    with pytest.raises(ShardError, match="not among the decoded samples"):
-        decoded.lookup(["no_such_key"])
-
-
-def test_pixel_decoder_without_a_vae_names_the_folder(tmp_path, benchmark):
-    from oal_trainer.decode import PixelDecoder
-
-    with pytest.raises(ConfigError, match="generator_dir: .*vae/config.json missing"):
-        PixelDecoder(tmp_path, image_size=28, in_channels=1, mean=(0.5,), std=(0.5,), device=torch.device("cpu"))

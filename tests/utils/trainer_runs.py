@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from oal_shared.generator_hash import content_hash
 from oal_trainer.recipes import TrainConfig, resolve_config
 from tests.utils.shards import write_outlier_shards
 
@@ -45,10 +46,25 @@ def _as_text(value: Any) -> str:
     return str(value)
 
 
-def write_test_shards(out_dir: Path, num_shards: int = 2, per_shard: int = 24, seed: int = 0) -> Path:
-    """A finished job folder of real shards (shared writer) with the embedded generator's shapes."""
+def write_test_shards(
+    out_dir: Path, num_shards: int = 2, per_shard: int = 24, seed: int = 0, generator_dir: Path | None = None
+) -> Path:
+    """A finished job folder of real shards (shared writer) with the embedded generator's shapes.
+
+    With `generator_dir` (e.g. from `write_tiny_vae`), the manifest names that folder's content
+    hash, so a pixel decoder accepts the folder; otherwise it names TEST_GENERATOR.
+    """
+    generator = None
+    if generator_dir is not None:
+        generator = {"id": "test-vae", "content_hash": content_hash(generator_dir)}
     write_outlier_shards(
-        out_dir, num_shards=num_shards, per_shard=per_shard, latent_shape=LATENT_SHAPE, dim=EMBED_DIM, seed=seed
+        out_dir,
+        num_shards=num_shards,
+        per_shard=per_shard,
+        latent_shape=LATENT_SHAPE,
+        dim=EMBED_DIM,
+        seed=seed,
+        generator=generator,
     )
     return out_dir
 

@@ -8,8 +8,12 @@ then looks images up by sample key. `per_step` decodes each batch live (sets too
 
 Shards store unscaled z0: the VAE's own latent space, already divided by the scaling factor
 (see oal_synth's generator contract), so `vae.decode(z)` takes them as they are; the factor in
-each sample's provenance is informational here. diffusers is imported directly (SPEC section 4:
-the trainer never imports oal_synth).
+each sample's provenance is informational here. diffusers is imported directly (the trainer never
+imports oal_synth).
+
+The outliers must be decoded by the generator that made them: given the job's manifest, the
+decoder recomputes the generator folder's content hash and refuses a folder whose hash differs
+from the one the manifest records (docs/METHOD.md, Contracts).
 
 Decoded images come out in [-1, 1] with the VAE's channels and size. They are brought to the ID
 images' form: channels averaged (RGB -> grey) or repeated (grey -> RGB); a size at most 25% larger
@@ -29,7 +33,8 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 
 from oal_shared.errors import ConfigError, ShardError
-from oal_shared.shards import ReadStats, iter_outlier_samples
+from oal_shared.generator_hash import content_hash
+from oal_shared.shards import OutlierManifest, ReadStats, iter_outlier_samples, load_manifest
 from oal_trainer.checkpoint import CheckpointError, atomic_write, read_safetensors, sha256_file
 
 logger = logging.getLogger(__name__)
@@ -37,8 +42,28 @@ logger = logging.getLogger(__name__)
 CROP_TOLERANCE = 1.25  # decoded side / ID side up to which a centre crop (not a resize) is used
 
 
+def check_generator_folder(generator_dir: Path, manifest: OutlierManifest) -> str:
+    """The content hash of `generator_dir`, if it is the one that made the manifest's outliers.
+
+    Otherwise ConfigError naming both hashes: a VAE from another generator decodes the latents
+    into images that have nothing to do with the outliers the job synthesised.
+    """
+    actual = content_hash(Path(generator_dir))
+    expected = manifest.generator
+    if actual != expected.content_hash:
+        raise ConfigError(
+            f"generator_dir: {generator_dir} has content hash {actual}, but the outliers in {manifest.folder} "
+            f"were made by generator {expected.id!r} with content hash {expected.content_hash}; "
+            "decode them with that generator's folder"
+        )
+    return actual
+
+
 class PixelDecoder:
-    """Latents (B, C, h, w) -> standardised images (B, C_id, H_id, W_id) matching the ID data."""
+    """Latents (B, C, h, w) -> standardised images (B, C_id, H_id, W_id) matching the ID data.
+
+    With `manifest` (the outlier source's), the generator folder is checked against it first.
+    """
 
     def __init__(
         self,
@@ -49,10 +74,15 @@ class PixelDecoder:
         mean: tuple[float, ...],
         std: tuple[float, ...],
         device: torch.device,
+        manifest: OutlierManifest | None = None,
     ):
         vae_dir = Path(generator_dir) / "vae"
         if not (vae_dir / "config.json").is_file():
             raise ConfigError(f"generator_dir: {vae_dir} holds no diffusers AutoencoderKL (vae/config.json missing)")
+        self.generator_dir = Path(generator_dir)
+        self.manifest = manifest
+        if manifest is not None:
+            check_generator_folder(self.generator_dir, manifest)
         from diffusers import AutoencoderKL
 
         try:
@@ -72,6 +102,11 @@ class PixelDecoder:
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.latent_channels = int(self.vae.config.latent_channels)
+        if manifest is not None and manifest.layout.latent_shape[0] != self.latent_channels:
+            raise ConfigError(
+                f"generator_dir: the VAE takes {self.latent_channels} latent channels, the shards in "
+                f"{manifest.folder} hold latents of shape {manifest.layout.latent_shape}"
+            )
         self.weights_sha256 = hashlib.sha256(
             "".join(sha256_file(path) for path in sorted(vae_dir.iterdir()) if path.is_file()).encode()
         ).hexdigest()
@@ -113,32 +148,35 @@ def match_size(images: torch.Tensor, size: int) -> torch.Tensor:
 
 
 class DecodedOutliers:
-    """Every outlier of a shard folder decoded once; `lookup(keys)` gives their images (B, C, H, W).
+    """Every outlier of a job folder decoded once; `lookup(keys)` gives their images (B, C, H, W).
 
-    Cached under `cache_dir` by a key over the VAE files, the ID image form and every shard's sha256,
-    so a changed VAE or shard set is decoded afresh. `write=False` (ranks other than 0) only reads
-    or computes, never writes.
+    `shards` is the job's parsed manifest (an outlier source's `manifest`), its folder, or shard
+    paths inside one folder; either way the manifest is opened first and its listed shards are
+    decoded. Cached under `cache_dir` by a key over the VAE files, the ID image form and every
+    shard's sha256 as the manifest records it, so a changed VAE or shard set is decoded afresh.
+    `write=False` (ranks other than 0) only reads or computes, never writes.
     """
 
     def __init__(
         self,
         decoder: PixelDecoder,
-        shard_urls: Sequence[str],
+        shards: OutlierManifest | Path | str | Sequence[str],
         cache_dir: Path,
         *,
         batch_size: int = 256,
         on_bad_shard: str = "raise",
         write: bool = True,
     ):
+        self.manifest = _job_manifest(shards)
         digest = hashlib.sha256(f"decoded-v1/{decoder.weights_sha256}/{decoder.image_size}/".encode())
         digest.update(f"{decoder.in_channels}/{decoder.mean.tolist()}/{decoder.std.tolist()}".encode())
-        for url in shard_urls:
-            digest.update(f"/{Path(url).name}:{sha256_file(Path(url))}".encode())
+        for info in self.manifest.shards:
+            digest.update(f"/{info.name}:{info.sha256}".encode())
         self.key = digest.hexdigest()
         path = Path(cache_dir) / f"decoded-{self.key[:32]}.safetensors"
         loaded = self._read(path)
         if loaded is None:
-            loaded = self._decode_all(decoder, shard_urls, batch_size, on_bad_shard)
+            loaded = self._decode_all(decoder, self.manifest, batch_size, on_bad_shard)
             if write:
                 images, keys = loaded
                 metadata = {"key": self.key, "keys": "\n".join(keys)}
@@ -162,7 +200,7 @@ class DecodedOutliers:
 
     @staticmethod
     def _decode_all(
-        decoder: PixelDecoder, shard_urls: Sequence[str], batch_size: int, on_bad_shard: str
+        decoder: PixelDecoder, manifest: OutlierManifest, batch_size: int, on_bad_shard: str
     ) -> tuple[torch.Tensor, list[str]]:
         keys: list[str] = []
         chunks: list[torch.Tensor] = []
@@ -175,7 +213,12 @@ class DecodedOutliers:
             pending.clear()
             pending_keys.clear()
 
-        samples = iter_outlier_samples(list(shard_urls), on_error=on_bad_shard, stats=ReadStats())  # type: ignore[arg-type]
+        samples = iter_outlier_samples(
+            manifest.shard_paths,
+            on_error=on_bad_shard,  # type: ignore[arg-type]
+            stats=ReadStats(),
+            layout=manifest.layout,
+        )
         for sample in samples:
             pending.append(torch.from_numpy(sample.latent.astype("float32")))
             pending_keys.append(sample.key)
@@ -184,7 +227,7 @@ class DecodedOutliers:
         if pending:
             flush()
         if not keys:
-            raise ShardError("no readable outlier samples to decode", shard=str(shard_urls[0]))
+            raise ShardError(f"no readable outlier samples to decode in {manifest.folder}")
         logger.info("Decoded %d outliers with the generator's VAE", len(keys))
         return torch.cat(chunks), keys
 
@@ -194,3 +237,19 @@ class DecodedOutliers:
         except KeyError as exc:
             raise ShardError(f"outlier {exc.args[0]} was not among the decoded samples") from exc
         return self.images[rows]
+
+
+def _job_manifest(shards: OutlierManifest | Path | str | Sequence[str]) -> OutlierManifest:
+    if isinstance(shards, OutlierManifest):
+        return shards
+    if isinstance(shards, str | Path):
+        return load_manifest(Path(shards))
+    folders = {Path(url).parent for url in shards}
+    if len(folders) != 1:
+        raise ConfigError(f"shards: expected the shards of one job folder, got {len(folders)} folders")
+    manifest = load_manifest(folders.pop())
+    listed = {path.name for path in manifest.shard_paths}
+    unlisted = sorted(Path(url).name for url in shards if Path(url).name not in listed)
+    if unlisted:
+        logger.warning("Shards the manifest of %s does not list (not decoded): %s", manifest.folder, unlisted)
+    return manifest

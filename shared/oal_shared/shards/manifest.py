@@ -142,18 +142,13 @@ def read_manifest(out_dir: str | Path) -> dict:
 
 
 def load_manifest(out_dir: str | Path) -> OutlierManifest:
-    """The manifest of a finished job folder, parsed, with every listed shard present at its size.
+    """The manifest of a finished job folder, parsed: what outlier readers open first.
 
-    This is what outlier readers open first. Sizes are a cheap check (sha256: `verify_shards`);
-    shards on disk that the manifest does not list are ignored, with a warning.
+    Damaged or missing shards are left to the reader's error policy (raise, or skip and count);
+    `verify_shards` checks them all up front. Shards on disk the manifest does not list are
+    ignored, with a warning.
     """
     manifest = _read(out_dir)
-    for path, info in zip(manifest.shard_paths, manifest.shards, strict=True):
-        if not path.is_file():
-            raise ManifestError("listed in the manifest but missing on disk", shard=str(path))
-        size = path.stat().st_size
-        if size != info.bytes:
-            raise ManifestError(f"{size} bytes on disk, the manifest says {info.bytes}", shard=str(path))
     listed = {info.name for info in manifest.shards}
     unlisted = [path.name for path in list_shards(manifest.folder) if path.name not in listed]
     if unlisted:
@@ -164,10 +159,15 @@ def load_manifest(out_dir: str | Path) -> OutlierManifest:
 def verify_shards(out_dir: str | Path) -> list[ShardInfo]:
     """Check every shard the manifest lists: present, same size, same sha256. Returns the entries."""
     manifest = load_manifest(out_dir)
-    for info in manifest.shards:
-        digest = sha256_of(manifest.folder / info.name)
+    for path, info in zip(manifest.shard_paths, manifest.shards, strict=True):
+        if not path.is_file():
+            raise ManifestError("listed in the manifest but missing on disk", shard=str(path))
+        size = path.stat().st_size
+        if size != info.bytes:
+            raise ManifestError(f"{size} bytes on disk, the manifest says {info.bytes}", shard=str(path))
+        digest = sha256_of(path)
         if digest != info.sha256:
-            raise ManifestError(f"sha256 {digest} on disk, the manifest says {info.sha256}", shard=info.name)
+            raise ManifestError(f"sha256 {digest} on disk, the manifest says {info.sha256}", shard=str(path))
     return list(manifest.shards)
 
 

@@ -1,0 +1,59 @@
+"""What the fit loop consumes: ID images as normalised tensors, and exactly B outliers per step.
+
+Modules by role: `id_images` (ID tensors, subsets, loaders, augmentation), `outliers` (the batch
+type and the base every outlier source shares: it opens the job's manifest first), `stream`
+(`OutlierStream`, shards read through `oal_shared.shards.outlier_pipeline`, resampled and
+shuffled, every rank and DataLoader worker drawing its own seeded stream), `memory`
+(`InMemoryOutliers`, every sample loaded once), `reduce` (f_ood) and `seeds`.
+"""
+
+from oal_trainer.data.id_images import (
+    IDTrainSet,
+    augment_batch,
+    black_pixel,
+    id_loader,
+    id_train_set,
+    slice_benchmark,
+    steps_per_epoch,
+    subset_indices,
+    to_model_input,
+)
+from oal_trainer.data.memory import InMemoryOutliers
+from oal_trainer.data.outliers import (
+    ManifestOutliers,
+    OutlierBatch,
+    OutlierSource,
+    OutlierStats,
+    ReaderDelta,
+    collate_outliers,
+    shard_urls,
+)
+from oal_trainer.data.reduce import reduce_latents, reduced_latent_dim
+from oal_trainer.data.seeds import derive_seed, seeded_generator
+from oal_trainer.data.stream import OutlierStream, WorkerFailure
+
+__all__ = [
+    "IDTrainSet",
+    "InMemoryOutliers",
+    "ManifestOutliers",
+    "OutlierBatch",
+    "OutlierSource",
+    "OutlierStats",
+    "OutlierStream",
+    "ReaderDelta",
+    "WorkerFailure",
+    "augment_batch",
+    "black_pixel",
+    "collate_outliers",
+    "derive_seed",
+    "id_loader",
+    "id_train_set",
+    "reduce_latents",
+    "reduced_latent_dim",
+    "seeded_generator",
+    "shard_urls",
+    "slice_benchmark",
+    "steps_per_epoch",
+    "subset_indices",
+    "to_model_input",
+]
