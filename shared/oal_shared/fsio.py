@@ -40,3 +40,22 @@ def fsync_dir(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """`atomic_file` for writers that want a filename, not a handle (safetensors' `save_file`).
+
+    Yields a hidden temp path in the target's folder; once the block has written it, the file is
+    fsynced and renamed onto the target. On any error the temp file goes and the target is untouched.
+    """
+    target = Path(target)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        yield tmp
+        with open(tmp, "rb") as handle:
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)  # gone already after a successful rename
+    fsync_dir(target.parent)

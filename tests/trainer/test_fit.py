@@ -13,17 +13,12 @@ from safetensors.torch import load_file
 
 from oal_shared.errors import ConfigError, ShardError
 from oal_shared.settings import Settings
-from oal_trainer.checkpoint import (
-    CheckpointError,
-    TrainingState,
-    load_checkpoint,
-    save_checkpoint,
-    sha256_file,
-)
-from oal_trainer.fit import FitHooks, cosine_factor, fit
+from oal_trainer.checkpoint import CheckpointError, sha256_file
+from oal_trainer.fit import FitHooks, fit
 from oal_trainer.models import build_model
 from oal_trainer.recipes import RECIPES
 from oal_trainer.teacher import LoadedRun, cached_teacher_outputs
+from tests.trainer.test_objective import RECIPE_TERMS
 from tests.utils.trainer_runs import tiny_config, write_test_shards, write_tiny_vae
 
 torch.set_num_threads(1)
@@ -38,14 +33,6 @@ RUN_FILES = (
     "roc.png",
     "score_hist.png",
 )
-# Loss terms each recipe must log: proof that its weights reach the loop.
-RECIPE_TERMS = {
-    "ce": {"ce"},
-    "kd": {"ce", "logit_kd", "feature_kd"},
-    "oal": {"ce", "logit_kd", "feature_kd", "club_emb", "club_latent", "club_emb_q", "club_latent_q"},
-    "oal-energy": {"ce", "logit_kd", "feature_kd", "club_emb", "club_latent", "club_emb_q", "club_latent_q", "energy"},
-    "pixel-oe": {"ce", "oe", "energy"},
-}
 
 
 @dataclass(frozen=True)
@@ -121,9 +108,11 @@ class Killed(Exception):
 
 
 def test_an_interrupted_run_resumes_from_its_last_epoch_and_matches(world):
-    config = tiny_config("oal", epochs=2, evaluate=False, **world.student_inputs)
+    # Warm-up and a floor: the resumed schedule must continue, not restart or skip.
+    config = tiny_config("oal", epochs=2, evaluate=False, warmup_steps=3, min_lr_ratio=0.2, **world.student_inputs)
     reference = world.root / "resume-reference"
-    fit(config, reference, settings=world.settings)
+    reference_lrs = []
+    fit(config, reference, settings=world.settings, hooks=FitHooks(on_step=lambda i: reference_lrs.append(i.lr)))
     run_dir = world.root / "resume"
 
     def kill_in_second_epoch(info):
@@ -139,9 +128,13 @@ def test_an_interrupted_run_resumes_from_its_last_epoch_and_matches(world):
     with pytest.raises(CheckpointError, match="lr: 0.005 -> 0.123"):
         fit(changed, run_dir, settings=world.settings)
 
-    steps_seen = []
-    resumed = fit(config, run_dir, settings=world.settings, hooks=FitHooks(on_step=lambda i: steps_seen.append(i.step)))
-    assert steps_seen == [5, 6, 7, 8], "resumes at the start of epoch 2"
+    seen = []
+    resumed = fit(
+        config, run_dir, settings=world.settings, hooks=FitHooks(on_step=lambda i: seen.append((i.step, i.lr)))
+    )
+    assert [step for step, _ in seen] == [5, 6, 7, 8], "resumes at the start of epoch 2"
+    assert [lr for _, lr in seen] == reference_lrs[4:], "the lr schedule continues where it stood"
+    assert reference_lrs[0] < reference_lrs[2] and reference_lrs[-1] < reference_lrs[3], "warm-up, then decay"
     assert resumed.steps == 8
     assert _same_weights(_weights(run_dir), _weights(reference))
 
@@ -205,37 +198,6 @@ def test_teacher_cache_is_reused_and_keyed_by_the_weights(tmp_path):
     assert fresh.key != first.key
     assert torch.count_nonzero(fresh.logits - model.head.bias) == 0, "new weights, new outputs"
     assert len(list((tmp_path / "cache").iterdir())) == 2 and cache_file.exists()
-
-
-def test_checkpoint_restores_weights_and_optimizer_state(tmp_path):
-    torch.manual_seed(0)
-    model = build_model("resnet_tiny", 6, 1)
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, nesterov=True)
-    torch.nn.functional.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.tensor([0, 1, 2, 3])).backward()
-    optimizer.step()
-    path = save_checkpoint(
-        tmp_path / "last.safetensors", {"m": model}, {"sgd": optimizer}, TrainingState(3, 42), {"lr": 0.1}
-    )
-
-    torch.manual_seed(1)
-    fresh = build_model("resnet_tiny", 6, 1)
-    fresh_optimizer = torch.optim.SGD(fresh.parameters(), lr=0.5, momentum=0.9, nesterov=True)
-    state = load_checkpoint(path, {"m": fresh}, {"sgd": fresh_optimizer}, {"lr": 0.1})
-    assert state == TrainingState(3, 42)
-    assert _same_weights(model.state_dict(), fresh.state_dict())
-    assert fresh_optimizer.param_groups[0]["lr"] == 0.1
-    for p, q in zip(model.parameters(), fresh.parameters(), strict=True):
-        assert torch.equal(optimizer.state[p]["momentum_buffer"], fresh_optimizer.state[q]["momentum_buffer"])
-    with pytest.raises(CheckpointError, match="lr: 0.1 -> 0.2"):
-        load_checkpoint(path, {"m": fresh}, {"sgd": fresh_optimizer}, {"lr": 0.2})
-
-
-def test_cosine_schedule_warms_up_then_decays_to_the_floor():
-    assert cosine_factor(0, 100, warmup_steps=10, min_ratio=0.0) == pytest.approx(0.1)
-    assert cosine_factor(9, 100, warmup_steps=10, min_ratio=0.0) == pytest.approx(1.0)
-    assert cosine_factor(10, 100, warmup_steps=10, min_ratio=0.0) == pytest.approx(1.0)
-    assert cosine_factor(55, 100, warmup_steps=10, min_ratio=0.0) == pytest.approx(0.5)
-    assert cosine_factor(100, 100, warmup_steps=0, min_ratio=0.1) == pytest.approx(0.1)
 
 
 def test_pixel_outliers_can_be_decoded_batch_by_batch(world):

@@ -1,10 +1,11 @@
 """Checkpoints and final weights as safetensors, never pickles.
 
-A training checkpoint is ONE safetensors file, so replacing it is atomic (temp file, fsync, rename):
+A training checkpoint is ONE safetensors file, so replacing it is atomic (oal_shared.fsio):
 - tensors: each module's state dict under "<module>/<name>", each optimiser's per-parameter state
   under "optim/<optimiser>/<param index>/<key>";
 - metadata "state": JSON with the scalars (epoch, global step, the optimisers' param groups and
-  any non-tensor per-parameter state) and "resume_key": the config fields a resume must agree on.
+  any non-tensor per-parameter state, the lr schedulers' state dicts) and "resume_key": the config
+  fields a resume must agree on.
 
 Final weights (`model.safetensors`) hold the bare model state dict; metadata names the architecture.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,8 +24,10 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
 
 from oal_shared.errors import OALError
+from oal_shared.fsio import atomic_path
 
 logger = logging.getLogger(__name__)
 
@@ -32,32 +35,25 @@ CHECKPOINT_DIR = "checkpoints"
 CHECKPOINT_FILE = "last.safetensors"
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
-CHECKPOINT_SCHEMA_VERSION = 1
+CHECKPOINT_SCHEMA_VERSION = 2  # 2: one optimiser per trained part, lr schedulers saved
 
 
 class CheckpointError(OALError, ValueError):
     """A checkpoint or weights file is missing, unreadable, or does not fit the run; names the file."""
 
 
-def atomic_write(path: Path, write) -> Path:
-    """Write through `write(tmp_path)` to a hidden temp file beside `path`, fsync, rename over `path`."""
+def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
+    """Write through `write(tmp_path)` to a temp file beside `path` that replaces it whole (fsio.atomic_path)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         write(tmp)
-        with open(tmp, "rb") as handle:
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
     return path
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
+    """`tensors` (contiguous, unshared) and `metadata` as one safetensors file, replaced atomically."""
+    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
 
 
 def sha256_file(path: Path) -> str:
@@ -74,8 +70,7 @@ def _contiguous(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def save_weights(model: nn.Module, path: Path, metadata: dict[str, str]) -> Path:
-    state = _contiguous(model.state_dict())
-    return atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata))
+    return save_safetensors(path, _contiguous(model.state_dict()), metadata)
 
 
 def read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -144,6 +139,7 @@ def save_checkpoint(
     optimizers: dict[str, torch.optim.Optimizer],
     state: TrainingState,
     resume_key: dict[str, Any],
+    schedulers: dict[str, LRScheduler] | None = None,
 ) -> Path:
     tensors: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
@@ -152,13 +148,19 @@ def save_checkpoint(
     for name, optimizer in optimizers.items():
         optim_tensors, optim_meta[name] = _optimizer_tensors(name, optimizer)
         tensors.update(optim_tensors)
+    scalars = {
+        "epoch": state.epoch,
+        "step": state.step,
+        "optimizers": optim_meta,
+        # Scheduler state dicts are plain numbers (lrs, counters); JSON floats read back bit for bit.
+        "schedulers": {name: scheduler.state_dict() for name, scheduler in (schedulers or {}).items()},
+    }
     metadata = {
         "schema_version": str(CHECKPOINT_SCHEMA_VERSION),
-        "state": json.dumps({"epoch": state.epoch, "step": state.step, "optimizers": optim_meta}),
+        "state": json.dumps(scalars),
         "resume_key": json.dumps(resume_key, sort_keys=True),
     }
-    tensors = _contiguous(tensors)
-    atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    save_safetensors(path, _contiguous(tensors), metadata)
     logger.info("Checkpoint saved: epoch %d, step %d -> %s", state.epoch, state.step, path)
     return path
 
@@ -168,11 +170,18 @@ def load_checkpoint(
     modules: dict[str, nn.Module],
     optimizers: dict[str, torch.optim.Optimizer],
     resume_key: dict[str, Any],
+    schedulers: dict[str, LRScheduler] | None = None,
 ) -> TrainingState:
-    """Restore modules and optimisers in place; a config that differs from the checkpoint's is refused."""
+    """Restore modules, optimisers and schedulers in place; a config that differs from the checkpoint's is refused.
+
+    Build the schedulers before calling this: constructing one resets its optimiser's lr.
+    """
     tensors, metadata = read_safetensors(path)
     if metadata.get("schema_version") != str(CHECKPOINT_SCHEMA_VERSION):
-        raise CheckpointError(f"{path}: schema_version {metadata.get('schema_version')!r} is not supported")
+        raise CheckpointError(
+            f"{path}: schema_version {metadata.get('schema_version')!r} is not supported "
+            f"(this trainer writes {CHECKPOINT_SCHEMA_VERSION}); start over in a new --out"
+        )
     saved_key = json.loads(metadata["resume_key"])
     wanted = json.loads(json.dumps(resume_key, sort_keys=True))
     differing = sorted(k for k in set(saved_key) | set(wanted) if saved_key.get(k) != wanted.get(k))
@@ -189,6 +198,15 @@ def load_checkpoint(
             module.load_state_dict(module_state, strict=True)
         except RuntimeError as exc:
             raise CheckpointError(f"{path}: {name} does not fit ({str(exc).splitlines()[0]})") from exc
+    for kind, wanted_names, saved in (
+        ("optimiser", optimizers, scalars["optimizers"]),
+        ("scheduler", schedulers or {}, scalars["schedulers"]),
+    ):
+        missing = sorted(set(wanted_names) - set(saved))
+        if missing:
+            raise CheckpointError(f"{path}: holds no {kind} state for {', '.join(missing)}")
     for name, optimizer in optimizers.items():
         _restore_optimizer(name, optimizer, tensors, scalars["optimizers"][name])
+    for name, scheduler in (schedulers or {}).items():
+        scheduler.load_state_dict(scalars["schedulers"][name])
     return TrainingState(epoch=int(scalars["epoch"]), step=int(scalars["step"]))

@@ -1,0 +1,389 @@
+"""Build a training run for the loop in fit.py: where we run -> data -> models -> optimisers -> resume.
+
+`build_run` returns a `Run`: the ID data, the student inside its `OALObjective` (with the adapter DT,
+CLUB q-nets and projector P the recipe needs), the teacher and outliers that feed each `StepBatch`,
+one SGD and one schedule per trained part, and where a resumed run stands. `Run.batches(epoch)`
+yields the epoch's StepBatches, every source of randomness seeded by (seed, epoch, rank).
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.optim.lr_scheduler import LRScheduler
+
+from oal_shared.data.benchmark import Benchmark, load_benchmark
+from oal_shared.errors import ConfigError
+from oal_shared.schedules import warmup_cosine
+from oal_shared.settings import Settings
+from oal_trainer.checkpoint import (
+    CHECKPOINT_DIR,
+    CHECKPOINT_FILE,
+    MODEL_FILE,
+    TrainingState,
+    load_checkpoint,
+    save_checkpoint,
+)
+from oal_trainer.data import (
+    IDTrainSet,
+    InMemoryOutliers,
+    OutlierBatch,
+    OutlierSource,
+    OutlierStream,
+    augment_batch,
+    black_pixel,
+    id_loader,
+    id_train_set,
+    seeded_generator,
+    shard_urls,
+    steps_per_epoch,
+)
+from oal_trainer.distributed import DistContext, barrier, init_distributed, wrap_model
+from oal_trainer.models import build_model
+from oal_trainer.objective import OALObjective, StepBatch, TrainModules
+from oal_trainer.recipes import TrainConfig
+from oal_trainer.teacher import LoadedRun, TeacherOutputs, cached_teacher_outputs, load_run_model, load_teacher
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, eq=False)
+class Teacher:
+    """z_t and h_t for a step's images: looked up by training row in the cache, or a live forward."""
+
+    run: LoadedRun
+    cache: TeacherOutputs | None
+    device: torch.device
+
+    def outputs(self, x: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.cache is not None:
+            rows_cpu = rows.cpu()
+            return self.cache.logits[rows_cpu].to(self.device), self.cache.features[rows_cpu].to(self.device)
+        with torch.no_grad():
+            return self.run.model(x, return_feature=True)  # (B, K), (B, D_t)
+
+
+@dataclass(eq=False)
+class RunOutliers:
+    """The outlier source of a run and the provenance its run.json records."""
+
+    config: TrainConfig
+    source: OutlierSource
+    job_spec: dict[str, Any] | None  # the manifest's "spec": the synthesis job that made the outliers
+
+    def record(self) -> dict[str, Any]:
+        stats = self.source.stats
+        return {
+            "shards": self.config.shards,
+            "source": self.config.outlier_source,
+            "space": self.config.outlier_space,
+            "latent_shape": list(self.source.latent_shape),
+            "embed_dim": self.source.embed_dim,
+            "samples_read": stats.samples,
+            "batches": stats.batches,
+            "skipped": stats.skipped,
+            "restarts": stats.restarts,
+            "errors": stats.errors[:20],
+            "job_spec": self.job_spec,
+        }
+
+
+@dataclass(frozen=True, eq=False)
+class PixelOutliers:
+    """Outlier latents as images (pixel space): looked up in the decoded cache, or decoded per batch."""
+
+    decoder: Any  # oal_trainer.decode.PixelDecoder
+    decoded: Any | None  # oal_trainer.decode.DecodedOutliers (pixel_decode=precompute)
+
+    def images(self, batch: OutlierBatch, device: torch.device) -> torch.Tensor:
+        if self.decoded is not None:
+            return self.decoded.lookup(batch.keys).to(device)  # (B, C, H, W)
+        return self.decoder.decode(batch.latents)
+
+
+@dataclass(eq=False)
+class Run:
+    """Everything the loop needs; built by `build_run`."""
+
+    config: TrainConfig
+    run_dir: Path
+    ctx: DistContext
+    benchmark: Benchmark
+    train: IDTrainSet
+    steps_per_epoch: int
+    pad_value: torch.Tensor  # the standardised black pixel, what augmentation pads with
+    student: nn.Module  # bare (not DDP-wrapped): checkpoints, final weights, evaluation
+    objective: OALObjective
+    init_run: LoadedRun | None
+    teacher: Teacher | None
+    outliers: RunOutliers | None
+    pixels: PixelOutliers | None
+    optimizers: dict[str, torch.optim.Optimizer]  # one SGD per trained part, "student" first
+    schedulers: dict[str, LRScheduler]  # same keys
+    state: TrainingState
+
+    @property
+    def total_steps(self) -> int:
+        return self.config.epochs * self.steps_per_epoch
+
+    @property
+    def modules(self) -> dict[str, nn.Module]:
+        return {"student": self.student, "aux": self.objective.aux}
+
+    @property
+    def checkpoint_path(self) -> Path:
+        return self.run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE
+
+    @property
+    def lr(self) -> float:
+        """The student's learning rate for the next step."""
+        return self.optimizers["student"].param_groups[0]["lr"]
+
+    def save_checkpoint(self) -> None:
+        save_checkpoint(
+            self.checkpoint_path, self.modules, self.optimizers, self.state, self.config.resume_key(), self.schedulers
+        )
+
+    def batches(self, epoch: int) -> Iterator[StepBatch]:
+        """The epoch's StepBatches: ID order, augmentation and outlier draw seeded by (seed, epoch, rank)."""
+        config, ctx = self.config, self.ctx
+        augment_gen = seeded_generator(config.seed, "augment", epoch, ctx.rank)
+        loader = id_loader(
+            self.train,
+            config.batch_size,
+            config.seed,
+            epoch,
+            rank=ctx.rank,
+            world_size=ctx.world_size,
+            num_workers=config.num_workers,
+        )
+        outlier_batches = self.outliers.source.epoch(epoch) if self.outliers is not None else None
+        pad_value = self.pad_value.to(ctx.device)
+        for x, y, rows in loader:
+            x = x.to(ctx.device, non_blocking=True)
+            y = y.to(ctx.device, non_blocking=True)
+            if config.augment:
+                x = augment_batch(x, augment_gen, config.crop_padding, config.hflip, pad_value)
+            x = self._memory_format(x)
+            parts: dict[str, torch.Tensor | None] = {}
+            if self.teacher is not None:
+                parts["teacher_logits"], parts["teacher_features"] = self.teacher.outputs(x, rows)
+            if outlier_batches is not None:
+                outliers = next(outlier_batches)
+                parts["outlier_embeddings"] = outliers.embeddings.to(ctx.device)
+                parts["outlier_latents"] = outliers.latents.to(ctx.device)
+                if self.pixels is not None:
+                    parts["outlier_images"] = self._memory_format(self.pixels.images(outliers, ctx.device))
+            yield StepBatch(images=x, labels=y, **parts)
+
+    def _memory_format(self, images: torch.Tensor) -> torch.Tensor:
+        return images.contiguous(memory_format=torch.channels_last) if self.config.channels_last else images
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rank0_first(ctx: DistContext, build: Callable[[bool], Any]) -> Any:
+    """build(write=True) on rank 0, then build(write=False) on the others once rank 0's cache file exists."""
+    result = build(True) if ctx.is_main else None
+    barrier(ctx)
+    return result if ctx.is_main else build(False)
+
+
+def build_run(config: TrainConfig, run_dir: Path, settings: Settings) -> Run:
+    """Everything a run needs, in the order that keeps weight initialisation under the seed."""
+    # Where we run
+    ctx = init_distributed(config.device if config.device != "auto" else settings.device)
+    threads = config.threads or settings.torch_threads
+    if threads:
+        torch.set_num_threads(threads)
+    seed_everything(config.seed)
+    if (run_dir / MODEL_FILE).exists():
+        raise ConfigError(
+            f"--out {run_dir}: already holds a finished run ({MODEL_FILE}); choose another folder, "
+            "or use `oal-train eval` to re-evaluate it"
+        )
+    if ctx.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+
+    # Data
+    benchmark = load_benchmark(config.benchmark, settings)
+    train = id_train_set(benchmark, config.train_subset, config.seed)
+    steps_per_ep = steps_per_epoch(len(train), config.batch_size, ctx.world_size)
+    if steps_per_ep < 1:
+        raise ConfigError(
+            f"batch_size: {config.batch_size} x {ctx.world_size} ranks exceeds the {len(train)} ID images"
+        )
+
+    # Models: the student first (initialised under the seed), then what feeds and helps it
+    student, init_run = _build_student(config, benchmark, ctx)
+    cache_dir = Path(config.cache_dir or Path(settings.artifact_dir) / "trainer-cache")
+    teacher = _load_teacher(config, benchmark, train, ctx, cache_dir) if config.uses_teacher else None
+    outliers = open_outliers(config, steps_per_ep, ctx) if config.uses_outliers else None
+    pixels = None
+    if config.outlier_space == "pixel" and outliers is not None:
+        pixels = _open_pixel_outliers(config, benchmark, ctx, cache_dir)
+    aux = TrainModules.for_config(
+        config,
+        student.feature_dim,
+        teacher_dim=teacher.run.model.feature_dim if teacher is not None else None,
+        embed_dim=outliers.source.embed_dim if outliers is not None else None,
+        latent_shape=outliers.source.latent_shape if outliers is not None else None,
+    ).to(ctx.device)
+    objective = OALObjective(wrap_model(student, ctx), aux, config)
+
+    # Optimisers and schedules, then the checkpoint if the run dir holds one
+    optimizers = _optimizers(config, student, aux)
+    total_steps = config.epochs * steps_per_ep
+    schedulers = {
+        name: warmup_cosine(optimizer, total_steps, config.warmup_steps, config.min_lr_ratio)
+        for name, optimizer in optimizers.items()
+    }
+    run = Run(
+        config=config,
+        run_dir=run_dir,
+        ctx=ctx,
+        benchmark=benchmark,
+        train=train,
+        steps_per_epoch=steps_per_ep,
+        pad_value=black_pixel(benchmark.mean, benchmark.std),
+        student=student,
+        objective=objective,
+        init_run=init_run,
+        teacher=teacher,
+        outliers=outliers,
+        pixels=pixels,
+        optimizers=optimizers,
+        schedulers=schedulers,
+        state=TrainingState(epoch=0, step=0),
+    )
+    if run.checkpoint_path.exists():
+        run.state = load_checkpoint(run.checkpoint_path, run.modules, optimizers, config.resume_key(), schedulers)
+        logger.info("Resuming %s from epoch %d (step %d)", run_dir, run.state.epoch, run.state.step)
+    return run
+
+
+def _build_student(config: TrainConfig, benchmark: Benchmark, ctx: DistContext) -> tuple[nn.Module, LoadedRun | None]:
+    student = build_model(config.model, benchmark.num_classes, benchmark.in_channels)
+    init_run = None
+    if config.init_from:
+        init_run = load_run_model(Path(config.init_from), "init_from", benchmark.num_classes, benchmark.in_channels)
+        if init_run.model_name != config.model:
+            raise ConfigError(
+                f"init_from: {config.init_from} holds a {init_run.model_name!r} model, the config trains "
+                f"{config.model!r}; set model={init_run.model_name} or pick another run"
+            )
+        student.load_state_dict(init_run.model.state_dict())
+    student = student.to(ctx.device)
+    if config.channels_last:
+        student = student.to(memory_format=torch.channels_last)
+    return student, init_run
+
+
+def _load_teacher(
+    config: TrainConfig, benchmark: Benchmark, train: IDTrainSet, ctx: DistContext, cache_dir: Path
+) -> Teacher:
+    loaded = load_teacher(Path(config.teacher_run), benchmark.num_classes, benchmark.in_channels)  # type: ignore[arg-type]
+    loaded.model.to(ctx.device)
+    if config.channels_last:
+        loaded.model.to(memory_format=torch.channels_last)
+    cache = None
+    if config.teacher_mode == "cache":
+        cache = rank0_first(
+            ctx,
+            lambda write: cached_teacher_outputs(
+                loaded,
+                train.images,
+                cache_dir,
+                batch_size=config.eval_batch_size,
+                device=ctx.device,
+                channels_last=config.channels_last,
+                write=write,
+            ),
+        )
+    return Teacher(loaded, cache, ctx.device)
+
+
+def open_outliers(config: TrainConfig, steps_per_ep: int, ctx: DistContext) -> RunOutliers:
+    """The run's outlier source (stream or memory) over `config.shards`, with the job spec of its manifest."""
+    from oal_shared.errors import ManifestError
+    from oal_shared.shards import read_manifest
+
+    shards = Path(config.shards)  # type: ignore[arg-type]
+    common = {
+        "batch_size": config.outliers_per_step,
+        "steps_per_epoch": steps_per_ep,
+        "seed": config.seed,
+        "on_bad_shard": config.on_bad_shard,
+        "rank": ctx.rank,
+    }
+    if config.outlier_source == "stream":
+        source = OutlierStream(shards, shuffle_buffer=config.shuffle_buffer, workers=config.outlier_workers, **common)
+    else:
+        source = InMemoryOutliers(shards, **common)
+    try:
+        job_spec = read_manifest(shards).get("spec")
+    except ManifestError as exc:
+        logger.warning("Outlier manifest not readable (%s); recording none", exc)
+        job_spec = None
+    return RunOutliers(config, source, job_spec)
+
+
+def _open_pixel_outliers(config: TrainConfig, benchmark: Benchmark, ctx: DistContext, cache_dir: Path) -> PixelOutliers:
+    from oal_trainer.decode import DecodedOutliers, PixelDecoder
+
+    decoder = PixelDecoder(
+        Path(config.generator_dir),  # type: ignore[arg-type]
+        image_size=benchmark.image_size,
+        in_channels=benchmark.in_channels,
+        mean=benchmark.mean,
+        std=benchmark.std,
+        device=ctx.device,
+    )
+    decoded = None
+    if config.pixel_decode == "precompute":
+        decoded = rank0_first(
+            ctx,
+            lambda write: DecodedOutliers(
+                decoder,
+                shard_urls(Path(config.shards)),  # type: ignore[arg-type]
+                cache_dir,
+                batch_size=config.eval_batch_size,
+                on_bad_shard=config.on_bad_shard,
+                write=write,
+            ),
+        )
+    return PixelOutliers(decoder, decoded)
+
+
+def _optimizers(config: TrainConfig, student: nn.Module, aux: TrainModules) -> dict[str, torch.optim.Optimizer]:
+    """One SGD per trained part, each at its own peak lr (docs/METHOD.md, Stage D).
+
+    Separate optimisers rather than param groups of one: torch's cosine floor (eta_min) is one number
+    per optimiser, and min_lr_ratio must floor each part at its own fraction of its peak. SGD's update
+    is per parameter, so the split changes no number.
+    """
+    peak_lrs = {"adapter": config.lr_adapter, "club_emb": config.lr_club, "club_latent": config.lr_club}
+    peak_lrs["projector"] = config.lr_projector
+    parts = [("student", student, config.lr), *((name, module, peak_lrs[name]) for name, module in aux.named_parts())]
+    return {
+        name: torch.optim.SGD(
+            [{"params": list(module.parameters()), "lr": lr, "name": name}],
+            lr=lr,
+            momentum=config.momentum,
+            nesterov=config.nesterov,
+            weight_decay=config.weight_decay,
+        )
+        for name, module, lr in parts
+    }
