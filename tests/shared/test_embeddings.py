@@ -195,7 +195,7 @@ def test_missing_schema_version_reads_as_the_current_one():
 def test_missing_source_is_named_with_every_required_key():
     es = make_embedding_set()
     data = raw_file_bytes({"embeddings": es.embeddings, "labels": es.labels}, source=None)
-    with pytest.raises(EmbeddingSetError, match="metadata key 'source' is missing \\(required: space, class_names, source\\)"):
+    with pytest.raises(EmbeddingSetError, match=r"key 'source' is missing \(required: space, class_names, source\)"):
         embedding_set_from_bytes(data)
 
 

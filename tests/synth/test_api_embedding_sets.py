@@ -68,6 +68,8 @@ BAD_FILES = [
     ("not-safetensors", b"\x00" * 64, "not a readable safetensors"),
     ("labels-missing", _safetensors({"embeddings": GOOD_TENSORS["embeddings"]}, GOOD_META), "'labels'"),
     ("space-missing", _safetensors(GOOD_TENSORS, {k: v for k, v in GOOD_META.items() if k != "space"}), "'space'"),
+    ("source-missing", _safetensors(GOOD_TENSORS, {k: v for k, v in GOOD_META.items() if k != "source"}), "'source'"),
+    ("schema-version-2", _safetensors(GOOD_TENSORS, {**GOOD_META, "schema_version": "2"}), "schema_version is '2'"),
     (
         "label-out-of-range",
         _safetensors({**GOOD_TENSORS, "labels": np.array([0, 1, 2, 1], np.int64)}, GOOD_META),
@@ -92,6 +94,20 @@ def test_invalid_set_is_422_naming_the_problem(client, oal_env, data, words):
     assert not (oal_env.artifact_dir / "embedding-sets").exists() or not any(
         (oal_env.artifact_dir / "embedding-sets").iterdir()
     )
+
+
+def test_upload_of_the_readmes_contract_without_schema_version_is_stored_as_version_1(client, oal_env):
+    # README: tensors embeddings and labels; metadata space, class_names, source (schema_version optional).
+    meta = {k: v for k, v in GOOD_META.items() if k != "schema_version"}
+    without = _safetensors(GOOD_TENSORS, meta)
+
+    response = client.post("/v1/embedding-sets", content=without, headers={"content-type": "application/octet-stream"})
+
+    assert response.status_code == 201, response.text
+    assert response.json()["id"] == embedding_set_from_bytes(_safetensors(GOOD_TENSORS, GOOD_META)).content_id()
+    stored = oal_env.artifact_dir / "embedding-sets" / f"{response.json()['id']}.safetensors"
+    assert embedding_set_from_bytes(stored.read_bytes()).class_names == ("a", "b")
+    assert not [p.name for p in stored.parent.iterdir() if p.name.startswith(".")]  # no temp file left behind
 
 
 def test_multipart_without_file_field_is_422(client):

@@ -10,6 +10,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 from typer.testing import CliRunner
 
 from oal_shared.settings import get_settings
@@ -60,19 +61,56 @@ def test_generators_lists_described_folders_and_tiny_random(server):
     assert "tiny-random" in generators  # listed before its first build
 
 
+def scrape(client) -> dict[tuple[str, tuple], float]:
+    """/metrics parsed by prometheus_client's own parser: {(sample name, sorted labels): value}."""
+    response = client.get("/metrics")
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/plain; version=")
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(response.text)
+        for sample in family.samples
+    }
+
+
 def test_metrics_count_requests_by_route_and_jobs(server):
     spec = {"generator": "test-gen", "embeddings": {"benchmark": "fmnist-osr"}, "num_outliers": 6}
     with server.client() as client:
         client.get("/v1/jobs/" + "0" * 32)
         client.get("/v1/jobs/" + "1" * 32)
+        client.get("/no/such/path/" + "2" * 32)
         assert client.post("/v1/jobs", json=spec).status_code == 202
-        text = client.get("/metrics").text
+        samples = scrape(client)
 
-    assert 'oal_http_requests_total{method="GET",route="/v1/jobs/{job_id}",status="404"} 2' in text
-    assert 'oal_http_requests_total{method="POST",route="/v1/jobs",status="202"} 1' in text
-    assert "oal_jobs_submitted_total 1" in text
-    assert 'oal_queue_jobs{state="queued"} 1' in text
-    assert "oal_redis_up 1" in text
+    by_route = (("method", "GET"), ("route", "/v1/jobs/{job_id}"), ("status", "404"))
+    assert samples[("oal_http_requests_total", by_route)] == 2
+    assert samples[("oal_http_requests_total", (("method", "POST"), ("route", "/v1/jobs"), ("status", "202")))] == 1
+    assert samples[("oal_http_requests_total", (("method", "GET"), ("route", "unmatched"), ("status", "404")))] == 1
+    assert not any("0" * 32 in str(labels) for _, labels in samples)  # route templates, never raw paths
+    latency = (("method", "GET"), ("route", "/v1/jobs/{job_id}"))
+    assert samples[("oal_http_request_duration_seconds_count", latency)] == 2
+    assert samples[("oal_http_request_duration_seconds_bucket", (("le", "+Inf"), *latency))] == 2
+    assert 0 < samples[("oal_http_request_duration_seconds_sum", latency)] < 10
+    assert samples[("oal_jobs_submitted_total", ())] == 1
+    assert samples[("oal_queue_jobs", (("state", "queued"),))] == 1
+    assert samples[("oal_queue_jobs", (("state", "failed"),))] == 0
+    assert samples[("oal_redis_up", ())] == 1
+
+
+def test_each_app_counts_in_its_own_registry(oal_env, redis_conn):
+    write_described_generator(oal_env.generator_root, "test-gen", "embedded", "test/space-v1", 8)
+    spec = {"generator": "test-gen", "embeddings": {"benchmark": "fmnist-osr"}, "num_outliers": 6}
+    with LiveServer(create_app(oal_env)) as first, LiveServer(create_app(oal_env)) as second:
+        with first.client() as client:
+            assert client.post("/v1/jobs", json=spec).status_code == 202
+            first_samples = scrape(client)
+        with second.client() as client:
+            second_samples = scrape(client)
+
+    assert first_samples[("oal_jobs_submitted_total", ())] == 1
+    assert second_samples[("oal_jobs_submitted_total", ())] == 0
+    # Queue depths come from Redis, which both apps share.
+    assert second_samples[("oal_queue_jobs", (("state", "queued"),))] == 1
 
 
 def _free_port() -> int:

@@ -118,6 +118,22 @@ BAD_SPECS = [
     ),
     ("benchmark-unknown", ("embeddings", {"benchmark": "imagenet"}), "embeddings.benchmark", "fmnist-osr"),
     ("benchmark-for-sd", ("generator", "test-sd"), "embeddings", "embedding set"),
+    ("embeddings-both-sources", ("embeddings.benchmark", "fmnist-osr"), "embeddings", "exactly one of"),
+    ("embeddings-not-an-object", ("embeddings", "fmnist-osr"), "embeddings", "set_id"),
+    ("set-source-with-benchmark-key", ("embeddings.per_class", 5), "embeddings.per_class", "Extra inputs"),
+    # Counts are strict: JSON true is not 1, "5" is not 5, 2.0 is not 2; a flag is not 0/1.
+    ("num-outliers-true", ("num_outliers", True), "num_outliers", "valid integer"),
+    ("num-outliers-string", ("num_outliers", "12"), "num_outliers", "valid integer"),
+    ("num-outliers-float", ("num_outliers", 12.0), "num_outliers", "valid integer"),
+    ("seed-true", ("seed", True), "seed", "valid integer"),
+    ("k-true", ("sampler.k", True), "sampler.k", "valid integer"),
+    ("classes-true", ("sampler.classes", [True]), "sampler.classes.0", "valid integer"),
+    ("steps-true", ("diffusion.steps", True), "diffusion.steps", "valid integer"),
+    ("batch-size-true", ("diffusion.batch_size", True), "diffusion.batch_size", "valid integer"),
+    ("max-samples-true", ("shards.max_samples", True), "shards.max_samples", "valid integer"),
+    ("guidance-true", ("diffusion.guidance_scale", True), "diffusion.guidance_scale", "valid number"),
+    ("sigma-string", ("sampler.sigma", "0.07"), "sampler.sigma", "valid number"),
+    ("knn-bug-flag-one", ("sampler.faithful_knn_bug", 1), "sampler.faithful_knn_bug", "valid boolean"),
 ]
 
 
@@ -134,6 +150,80 @@ def test_bad_spec_answered_422_naming_field(client, set_id, change, field, words
     assert error["field"] == field
     assert words in error["message"]
     assert Queue(api_settings.queue_name, connection=redis_conn).count == 0
+
+
+def test_per_class_true_is_not_a_count(client):
+    spec = {"generator": "test-gen", "embeddings": {"benchmark": "fmnist-osr", "per_class": True}, "num_outliers": 6}
+    response = client.post("/v1/jobs", json=spec)
+    assert response.status_code == 422, response.text
+    assert response.json()["error"]["field"] == "embeddings.per_class"
+
+
+def test_float_fields_take_integers(client, set_id):
+    spec = _with(good_spec(set_id), "diffusion.guidance_scale", 3)
+    response = client.post("/v1/jobs", json=spec)
+    assert response.status_code == 202, response.text
+    assert response.json()["spec"]["diffusion"]["guidance_scale"] == 3.0
+
+
+def test_every_problem_is_listed_with_the_first_as_field(client, set_id, api_settings, redis_conn):
+    spec = _with(_with(good_spec(set_id), "num_outliers", 1001), "sampler.classes", [7])
+
+    response = client.post("/v1/jobs", json=spec)
+
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == "num_outliers"
+    assert [d["field"] for d in error["details"]] == ["num_outliers", "sampler.classes"]
+    assert "at most 1000" in error["message"] and "6 classes" in error["message"]
+    assert Queue(api_settings.queue_name, connection=redis_conn).count == 0
+
+
+def test_class_the_benchmark_lacks_is_422_at_submit(client, api_settings, redis_conn):
+    # fmnist-osr has 6 ID classes (0..5); before, this was accepted and failed in the worker.
+    spec = {
+        "generator": "test-gen",
+        "embeddings": {"benchmark": "fmnist-osr"},
+        "num_outliers": 6,
+        "sampler": {"classes": [2, 6]},
+    }
+
+    response = client.post("/v1/jobs", json=spec)
+
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == "sampler.classes"
+    assert "[6]" in error["message"] and "benchmark fmnist-osr has 6 classes (0..5)" in error["message"]
+    assert Queue(api_settings.queue_name, connection=redis_conn).count == 0
+
+
+def _set_with_counts(counts: list[int]) -> bytes:
+    import numpy as np
+
+    from oal_shared.embeddings import EmbeddingSet, embedding_set_to_bytes
+
+    names = tuple(f"class-{i}" for i in range(len(counts)))
+    labels = np.repeat(np.arange(len(counts)), counts).astype(np.int64)
+    vectors = np.random.default_rng(0).standard_normal((labels.size, DIM)).astype(np.float32)
+    return embedding_set_to_bytes(EmbeddingSet(vectors, labels, TEST_SPACE, names, "tests: uneven classes"))
+
+
+@pytest.mark.parametrize(
+    ("classes", "field"), [([0, 2], "sampler.classes"), (None, "embeddings.set_id")], ids=["named", "all"]
+)
+def test_class_with_too_few_embeddings_is_422_at_submit(client, api_settings, redis_conn, classes, field):
+    sparse = EmbeddingSetStore.from_settings(api_settings).put_bytes(_set_with_counts([5, 5, 1]))
+    spec = _with(good_spec(sparse["id"]), "sampler.classes", classes)
+
+    response = client.post("/v1/jobs", json=spec)
+
+    assert response.status_code == 422, response.text
+    error = response.json()["error"]
+    assert error["field"] == field
+    assert "2 ('class-2': 1)" in error["message"] and "at least 2" in error["message"]
+    assert Queue(api_settings.queue_name, connection=redis_conn).count == 0
+    # The classes that have enough embeddings are fine.
+    assert client.post("/v1/jobs", json=_with(spec, "sampler.classes", [0, 1])).status_code == 202
 
 
 def test_body_that_is_not_json_is_422(client):

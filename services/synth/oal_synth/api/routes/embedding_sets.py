@@ -20,7 +20,8 @@ _UPLOAD_BODY = {
     "requestBody": {
         "required": True,
         "description": "A safetensors embedding set: tensors `embeddings` float32 (N, D) and `labels` int64 "
-        "(N,); metadata `schema_version`, `space`, `class_names` (JSON list), `source`.",
+        "(N,); metadata `space`, `class_names` (JSON list), `source`, and optionally `schema_version` "
+        '("1"; a file without it is read as version 1).',
         "content": {
             RAW_TYPE: {"schema": {"type": "string", "format": "binary"}},
             MULTIPART_TYPE: {
