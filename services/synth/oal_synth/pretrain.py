@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
@@ -36,6 +35,7 @@ from tqdm.auto import tqdm
 
 from oal_shared.data.benchmark import load_benchmark
 from oal_shared.errors import ConfigError
+from oal_shared.schedules import warmup_cosine
 from oal_shared.settings import Settings, get_settings
 from oal_synth.generators import diffusion as stage_c
 from oal_synth.generators.base import GeneratorInfo
@@ -289,16 +289,6 @@ def _batches(num_items: int, batch_size: int, steps: int, seed: int) -> Iterator
         cursor += batch_size
 
 
-def _warmup_cosine(warmup: int, total: int) -> Callable[[int], float]:
-    def factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total - warmup)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
-
-
 def _fit(
     name: str,
     parameters,
@@ -311,7 +301,7 @@ def _fit(
 ) -> StageResult:
     """The one training loop of all three stages: AdamW, warm-up + cosine, tqdm with the loss."""
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=1e-4)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, _warmup_cosine(warmup, steps))
+    schedule = warmup_cosine(optimizer, steps, warmup)
     losses: list[float] = []
     started = time.perf_counter()
     bar = tqdm(total=steps, desc=name, disable=not progress, leave=True)

@@ -5,7 +5,7 @@ A run's config is resolved in layers, each one validated:
     TrainConfig defaults -> recipe -> preset (per recipe) -> --config FILE (JSON) -> --set key=value
 
 and saved whole as `config.json` in the run dir, so `--config run/config.json` repeats a run.
-Every weight, learning rate and count of SPEC stage D is a field here.
+Every weight, learning rate and count of Stage D (docs/METHOD.md, Stage D) is a field here.
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ class TrainConfig(BaseModel):
     hflip: bool = Field(True, description="Random horizontal flip (p=0.5) when augment is on.")
     num_workers: int = Field(0, ge=0, description="DataLoader workers for ID data (tensors are in memory).")
 
-    # Optimisation (SPEC stage D: SGD nesterov, momentum 0.9, wd 5e-4, cosine per step)
+    # Optimisation (docs/METHOD.md, Stage D: SGD nesterov, momentum 0.9, wd 5e-4, cosine per step)
     epochs: int = Field(100, ge=1, description="Passes over the ID train set.")
     lr: float = Field(0.1, gt=0, description="Student learning rate (peak of the cosine schedule).")
     lr_adapter: float = Field(0.01, gt=0, description="Learning rate of the feature adapter DT.")
@@ -169,7 +169,7 @@ class TrainConfig(BaseModel):
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
 
 
-# Recipes: what each one adds to the defaults (SPEC stage D). Fine-tuning recipes start from a `ce`
+# Recipes: what each one adds to the defaults (docs/METHOD.md, Stage D). Fine-tuning recipes start from a `ce`
 # run (init_from) at the reference's small lr and see clean images, matching a cached teacher.
 _FINE_TUNE = {"lr": 0.005, "augment": False}
 _KD = {**_FINE_TUNE, "w_logit_kd": 4.0, "w_feature_kd": 8.0}
@@ -185,7 +185,7 @@ RECIPE_OVERRIDES: dict[str, dict[str, Any]] = {
 }
 
 # Presets size a run. smoke: seconds, a small slice; demo: the embedded benchmark in minutes on 2 CPU
-# cores (MACHINE-NOTES speeds); full: the paper's 100 epochs, augmentation and a live teacher.
+# cores (docs/BENCHMARKS.md speeds); full: the paper's 100 epochs, augmentation and a live teacher.
 PRESET_OVERRIDES: dict[str, dict[str, dict[str, Any]]] = {
     "smoke": {
         recipe: {"epochs": 1, "train_subset": 512, "eval_subset": 256, "batch_size": 64, "log_interval": 2}

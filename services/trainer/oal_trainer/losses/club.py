@@ -1,4 +1,4 @@
-"""CLUB: a contrastive log-ratio upper bound on mutual information, used as the MICL term (SPEC stage D).
+"""CLUB: a contrastive log-ratio upper bound on mutual information, used as the MICL term (docs/METHOD.md, Stage D).
 
 Cheng et al. 2020, "CLUB: A Contrastive Log-ratio Upper Bound of Mutual Information",
 https://arxiv.org/abs/2006.12013. With a variational q(y|x) = N(mu(x), diag(exp(lv(x)))), the bound is

@@ -1,4 +1,4 @@
-"""Knowledge distillation from a frozen teacher: on logits and on penultimate features (SPEC stage D).
+"""Knowledge distillation from a frozen teacher: on logits and on penultimate features (docs/METHOD.md, Stage D).
 
 Logit KD (Hinton et al. 2015, https://arxiv.org/abs/1503.02531):
 
