@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
+import importlib.util
 import time
 from pathlib import Path
 
@@ -19,11 +21,11 @@ from oal_shared.data import (
     Benchmark,
     ImageSet,
     far_ood,
+    fmnist_osr,
     is_ood,
     load_benchmark,
     load_fashion_mnist,
 )
-from oal_shared.data import benchmark as benchmark_module
 from oal_shared.data.fashion_mnist import read_fashion_mnist_files
 from oal_shared.errors import ConfigError
 from oal_shared.settings import Settings
@@ -102,7 +104,7 @@ def test_same_bytes_every_time_also_after_cache_clear(bench: Benchmark, settings
     before = {s.name: (sha256(s.images), sha256(s.labels)) for s in (bench.id_train, *bench.ood_sets())}
     for cached in (far_ood.digits, far_ood.textures, far_ood.noise, read_fashion_mnist_files):
         cached.cache_clear()
-    benchmark_module._fmnist_osr.cache_clear()
+    fmnist_osr._fmnist_osr.cache_clear()
 
     started = time.perf_counter()
     rebuilt = load_benchmark("fmnist-osr", settings)
@@ -203,3 +205,19 @@ def test_benchmark_refuses_mixed_image_shapes_and_kinds(bench: Benchmark):
         Benchmark(**common, near=bench.far[:1], far=(), mean=bench.mean, std=bench.std)
     with pytest.raises(ConfigError, match="mean and std need 1 values"):
         Benchmark(**common, near=bench.near, far=bench.far, mean=(0.1, 0.2), std=bench.std)
+
+
+def test_builders_import_the_types_not_the_registry():
+    # The registry imports the builders and the builders import the types: no cycle.
+    def imported(module: str) -> set[str]:
+        tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
+        return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+
+    assert not {name for name in imported("oal_shared.data.types") if name.startswith("oal_shared.data")}
+    for builder in ("oal_shared.data.cifar", "oal_shared.data.fmnist_osr"):
+        assert "oal_shared.data.types" in imported(builder)
+        assert "oal_shared.data.benchmark" not in imported(builder), f"{builder} imports the registry"
+    from oal_shared.data.benchmark import Benchmark as ViaRegistry
+    from oal_shared.data.types import Benchmark as ViaTypes
+
+    assert ViaRegistry is ViaTypes

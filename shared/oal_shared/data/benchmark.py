@@ -1,206 +1,43 @@
-"""Benchmarks: one in-distribution data set (train and test) plus the OOD sets it is scored against.
+"""The benchmark registry: one in-distribution data set (train and test) plus the OOD sets it is
+scored against, by name.
 
-`fmnist-osr` (SPEC section 2) runs offline from Debian's Fashion-MNIST; `cifar10` and `cifar100`
-read OpenOOD v1.5 image lists from the data directory (see `cifar.py`).
+`fmnist-osr` (docs/METHOD.md, The embedded benchmark) runs offline from Debian's Fashion-MNIST
+(`fmnist_osr.py`); `cifar10` and `cifar100` read OpenOOD v1.5 image lists from the data directory
+(`cifar.py`). The types live in `types.py` and are re-exported here, where callers import them.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
-from typing import Literal
 
-import numpy as np
-
-from oal_shared.data.far_ood import FAR_OOD_SETS, load_far_ood
-from oal_shared.data.fashion_mnist import FMNIST_CLASSES, locate_fashion_mnist, read_fashion_mnist_files
+from oal_shared.data.cifar import load_cifar_benchmark
+from oal_shared.data.fmnist_osr import FMNIST_OSR, FMNIST_OSR_ID_CLASSES, FMNIST_OSR_NEAR_CLASSES, load_fmnist_osr
+from oal_shared.data.types import OOD_LABEL, SET_KINDS, Benchmark, ImageSet, channel_stats, is_ood
 from oal_shared.errors import ConfigError
 from oal_shared.settings import Settings, get_settings
 
-OOD_LABEL = -1  # label of every OOD image; ID labels are class indices 0..C-1
-SET_KINDS = ("id", "near", "far")
+__all__ = [
+    "BENCHMARKS",
+    "FMNIST_OSR",
+    "FMNIST_OSR_ID_CLASSES",
+    "FMNIST_OSR_NEAR_CLASSES",
+    "OOD_LABEL",
+    "SET_KINDS",
+    "Benchmark",
+    "ImageSet",
+    "channel_stats",
+    "is_ood",
+    "load_benchmark",
+]
 
-FMNIST_OSR = "fmnist-osr"
-FMNIST_OSR_ID_CLASSES = (0, 1, 2, 3, 7, 8)  # T-shirt/top, Trouser, Pullover, Dress, Sneaker, Bag
-FMNIST_OSR_NEAR_CLASSES = (4, 5, 6, 9)  # Coat, Sandal, Shirt, Ankle boot
 BENCHMARKS = (FMNIST_OSR, "cifar10", "cifar100")
-
-
-def is_ood(labels: np.ndarray | int) -> np.ndarray:
-    """True where a label marks an OOD image (a negative label), the one place that rule is written."""
-    return np.asarray(labels) < 0
-
-
-@dataclass(frozen=True, eq=False)  # eq=False: arrays have no single truth value, compare sets by identity
-class ImageSet:
-    """Images uint8 (N, H, W) grey or (N, H, W, 3) RGB; labels int64 (N,), class index or OOD_LABEL."""
-
-    name: str
-    kind: Literal["id", "near", "far"]
-    images: np.ndarray
-    labels: np.ndarray
-
-    def __post_init__(self) -> None:
-        if self.kind not in SET_KINDS:
-            raise ConfigError(f"ImageSet {self.name!r}: kind must be one of {SET_KINDS}, got {self.kind!r}")
-        images, labels = self.images, self.labels
-        rgb = images.ndim == 4 and images.shape[-1] == 3
-        if images.dtype != np.uint8 or not (images.ndim == 3 or rgb):
-            raise ConfigError(
-                f"ImageSet {self.name!r}: images must be uint8 (N, H, W) or (N, H, W, 3), "
-                f"got {images.dtype} {images.shape}"
-            )
-        if labels.dtype != np.int64 or labels.shape != (images.shape[0],):
-            raise ConfigError(
-                f"ImageSet {self.name!r}: labels must be int64 ({images.shape[0]},), "
-                f"got {labels.dtype} {labels.shape}"
-            )
-        ood = is_ood(labels)
-        if self.kind == "id" and ood.any():
-            raise ConfigError(f"ImageSet {self.name!r}: an 'id' set has {int(ood.sum())} OOD labels")
-        if self.kind != "id" and not ood.all():
-            raise ConfigError(
-                f"ImageSet {self.name!r}: a {self.kind!r} set must label every image {OOD_LABEL}"
-            )
-
-    def __len__(self) -> int:
-        return int(self.images.shape[0])
-
-
-@dataclass(frozen=True, eq=False)
-class Benchmark:
-    """An ID data set and its OOD sets; `mean`/`std` are per-channel stats of id_train in [0, 1] units."""
-
-    name: str
-    class_names: tuple[str, ...]
-    id_train: ImageSet
-    id_test: ImageSet
-    near: tuple[ImageSet, ...]
-    far: tuple[ImageSet, ...]
-    mean: tuple[float, ...]
-    std: tuple[float, ...]
-
-    def __post_init__(self) -> None:
-        for field_name, sets, kind in (
-            ("id_train", (self.id_train,), "id"),
-            ("id_test", (self.id_test,), "id"),
-            ("near", self.near, "near"),
-            ("far", self.far, "far"),
-        ):
-            for image_set in sets:
-                if image_set.kind != kind:
-                    raise ConfigError(
-                        f"Benchmark {self.name!r}: {field_name} holds {image_set.name!r} of kind "
-                        f"{image_set.kind!r}, expected {kind!r}"
-                    )
-                if image_set.images.shape[1:] != self.id_train.images.shape[1:]:
-                    raise ConfigError(
-                        f"Benchmark {self.name!r}: {field_name} set {image_set.name!r} has images of shape "
-                        f"{image_set.images.shape[1:]}, id_train has {self.id_train.images.shape[1:]}"
-                    )
-        for field_name in ("id_train", "id_test"):
-            labels = getattr(self, field_name).labels
-            if labels.size and labels.max() >= self.num_classes:
-                raise ConfigError(
-                    f"Benchmark {self.name!r}: {field_name} has label {int(labels.max())} "
-                    f"but only {self.num_classes} class_names"
-                )
-        if len(self.mean) != self.in_channels or len(self.std) != self.in_channels:
-            raise ConfigError(
-                f"Benchmark {self.name!r}: mean and std need {self.in_channels} values (one per channel)"
-            )
-
-    @property
-    def num_classes(self) -> int:
-        return len(self.class_names)
-
-    @property
-    def in_channels(self) -> int:
-        return 1 if self.id_train.images.ndim == 3 else 3
-
-    @property
-    def image_size(self) -> int:
-        """Side of the (square) images in pixels."""
-        return int(self.id_train.images.shape[1])
-
-    def ood_sets(self) -> tuple[ImageSet, ...]:
-        """Near sets, then far sets."""
-        return self.near + self.far
-
-
-def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 images in [0, 1] units.
-
-    Sums of x and x^2 are exact in unsigned integers (uint8^2 fits uint16), so this needs no
-    float copy of the whole set: std = sqrt(E[x^2] - E[x]^2).
-    """
-    channels = images[..., None] if images.ndim == 3 else images  # (N, H, W, C)
-    means, stds = [], []
-    for channel in range(channels.shape[-1]):
-        values = channels[..., channel]
-        count = values.size
-        mean = int(values.sum(dtype=np.uint64)) / count
-        mean_square = int(np.square(values, dtype=np.uint16).sum(dtype=np.uint64)) / count
-        means.append(mean / 255.0)
-        stds.append(float(np.sqrt(max(mean_square - mean**2, 0.0))) / 255.0)
-    return tuple(means), tuple(stds)
 
 
 def load_benchmark(name: str, settings: Settings | None = None) -> Benchmark:
     """The benchmark called `name` (one of BENCHMARKS), built once per process and data location."""
     settings = settings if settings is not None else get_settings()
     if name == FMNIST_OSR:
-        # Key the cache by the files actually read, so a different OAL_FMNIST_DIR gives a fresh benchmark.
-        train_files = tuple(path.resolve() for path in locate_fashion_mnist("train", settings))
-        test_files = tuple(path.resolve() for path in locate_fashion_mnist("test", settings))
-        return _fmnist_osr(train_files, test_files)
+        return load_fmnist_osr(settings)
     if name in ("cifar10", "cifar100"):
-        from oal_shared.data.cifar import load_cifar_benchmark
-
         return load_cifar_benchmark(name, Path(settings.data_dir))
     raise ConfigError(f"benchmark must be one of {BENCHMARKS}, got {name!r}")
-
-
-@lru_cache(maxsize=4)
-def _fmnist_osr(train_files: tuple[Path, Path], test_files: tuple[Path, Path]) -> Benchmark:
-    train_images, train_labels = read_fashion_mnist_files(*train_files)
-    test_images, test_labels = read_fashion_mnist_files(*test_files)
-    id_train = _id_subset("fmnist-id-train", train_images, train_labels)
-    id_test = _id_subset("fmnist-id-test", test_images, test_labels)
-    near_mask = np.isin(test_labels, FMNIST_OSR_NEAR_CLASSES)
-    near = ImageSet("fmnist-near", "near", _frozen(test_images[near_mask]), _ood_labels(int(near_mask.sum())))
-    far = tuple(_far_set(set_name) for set_name in FAR_OOD_SETS)
-    mean, std = channel_stats(id_train.images)
-    return Benchmark(
-        name=FMNIST_OSR,
-        class_names=tuple(FMNIST_CLASSES[c] for c in FMNIST_OSR_ID_CLASSES),
-        id_train=id_train,
-        id_test=id_test,
-        near=(near,),
-        far=far,
-        mean=mean,
-        std=std,
-    )
-
-
-def _id_subset(name: str, images: np.ndarray, labels: np.ndarray) -> ImageSet:
-    """Images of the ID classes, labels remapped to 0..5 in FMNIST_OSR_ID_CLASSES order."""
-    remap = np.full(len(FMNIST_CLASSES), OOD_LABEL, dtype=np.int64)
-    remap[list(FMNIST_OSR_ID_CLASSES)] = np.arange(len(FMNIST_OSR_ID_CLASSES))
-    mask = np.isin(labels, FMNIST_OSR_ID_CLASSES)
-    return ImageSet(name, "id", _frozen(images[mask]), _frozen(remap[labels[mask]]))
-
-
-def _far_set(name: str) -> ImageSet:
-    images = load_far_ood(name)
-    return ImageSet(name, "far", images, _ood_labels(len(images)))
-
-
-def _ood_labels(count: int) -> np.ndarray:
-    return _frozen(np.full(count, OOD_LABEL, dtype=np.int64))
-
-
-def _frozen(array: np.ndarray) -> np.ndarray:
-    array.flags.writeable = False  # benchmarks are cached and shared within the process
-    return array

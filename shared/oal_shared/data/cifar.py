@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from oal_shared.data.benchmark import OOD_LABEL, Benchmark, ImageSet, channel_stats
+from oal_shared.data.types import OOD_LABEL, Benchmark, ImageSet, channel_stats
 from oal_shared.errors import ConfigError, DataFormatError, DataNotFoundError
 from oal_shared.paths import safe_join
 
@@ -81,9 +81,7 @@ def _load_cifar_benchmark(name: str, data_dir: Path) -> Benchmark:
     def id_set(split: str) -> ImageSet:
         path = imglist_path(data_dir, name, split, name)
         if not path.is_file():
-            raise DataNotFoundError(
-                f"{name} {split} image list {path} does not exist (OpenOOD v1.5 layout expected)"
-            )
+            raise DataNotFoundError(f"{name} {split} image list {path} does not exist (OpenOOD v1.5 layout expected)")
         return load_image_list(path, images_root, f"{name}-{split}", "id", num_classes)
 
     def ood_sets(kind: str, set_names: tuple[str, ...]) -> tuple[ImageSet, ...]:
@@ -91,9 +89,7 @@ def _load_cifar_benchmark(name: str, data_dir: Path) -> Benchmark:
         for set_name in set_names:
             path = imglist_path(data_dir, name, "test", set_name)
             if not path.is_file():
-                logger.warning(
-                    "%s: %s-OOD set %s skipped, its image list %s is missing", name, kind, set_name, path
-                )
+                logger.warning("%s: %s-OOD set %s skipped, its image list %s is missing", name, kind, set_name, path)
                 continue
             found.append(load_image_list(path, images_root, set_name, kind, num_classes))
         return tuple(found)
@@ -120,15 +116,11 @@ def read_imglist(path: Path) -> list[tuple[str, int]]:
             continue
         tokens = line.strip().split(maxsplit=1)
         if len(tokens) != 2:
-            raise DataFormatError(
-                f"{path} line {line_number}: expected 'relative/path.png label', got {line!r}"
-            )
+            raise DataFormatError(f"{path} line {line_number}: expected 'relative/path.png label', got {line!r}")
         try:
             label = int(tokens[1])
         except ValueError:
-            raise DataFormatError(
-                f"{path} line {line_number}: label {tokens[1]!r} is not an integer"
-            ) from None
+            raise DataFormatError(f"{path} line {line_number}: label {tokens[1]!r} is not an integer") from None
         entries.append((tokens[0], label))
     return entries
 
@@ -147,9 +139,7 @@ def load_image_list(path: Path, images_root: Path, name: str, kind: str, num_cla
             raise DataNotFoundError(f"{path} line {index + 1}: image {image_path} does not exist")
         images[index] = read_image_32(image_path)
         if kind == "id" and not 0 <= label < num_classes:
-            raise DataFormatError(
-                f"{path} line {index + 1}: ID label {label} is outside 0..{num_classes - 1}"
-            )
+            raise DataFormatError(f"{path} line {index + 1}: ID label {label} is outside 0..{num_classes - 1}")
         labels[index] = label if kind == "id" else OOD_LABEL
     images.flags.writeable = False
     labels.flags.writeable = False
