@@ -21,3 +21,9 @@ demo: setup redis
 
 clean:
 	rm -rf .run runs/demo .pytest_cache
+
+# Not part of `make test`: builds every CPU image and runs the compose pipeline end to end with docker
+# compose or podman (many minutes; docs/DEPLOY.md). OAL_CHECK_GPU=1 also builds the GPU images.
+.PHONY: compose-check
+compose-check:
+	@bash scripts/compose-check.sh

@@ -173,9 +173,15 @@ def stage_lineage(stages: dict[str, dict], name: str) -> list[dict]:
 
 
 def read_requirements(path: Path) -> dict[str, Requirement]:
-    lines = [line.split("#", 1)[0].strip() for line in path.read_text().splitlines()]
-    requirements = [Requirement(line) for line in lines if line]
-    return {canonicalize_name(req.name): req for req in requirements}
+    """Name -> requirement of a pip requirements file, following `-r other.txt` as pip does."""
+    requirements: dict[str, Requirement] = {}
+    for line in (line.split("#", 1)[0].strip() for line in path.read_text().splitlines()):
+        if line.startswith("-r "):
+            requirements.update(read_requirements(path.parent / line[3:].strip()))
+        elif line:
+            requirement = Requirement(line)
+            requirements[canonicalize_name(requirement.name)] = requirement
+    return requirements
 
 
 def pinned_version(requirement: Requirement) -> str | None:
@@ -433,7 +439,8 @@ def test_build_sections_name_existing_dockerfiles_and_targets(services: dict[str
     for name, service in services.items():
         build = service.get("build")
         if build is None:
-            assert ":" in service["image"] and not service["image"].endswith(":latest"), f"{name}: pin the image"
+            image = interpolate(service["image"])
+            assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image"
             continue
         context = REPO / build.get("context", ".")
         dockerfile = context / build.get("dockerfile", "Dockerfile")
@@ -441,6 +448,25 @@ def test_build_sections_name_existing_dockerfiles_and_targets(services: dict[str
         assert build["target"] in dockerfile_stages(dockerfile), f"service {name}: no stage {build['target']!r}"
         declared_args = {args.partition("=")[0] for kw, args in dockerfile_instructions(dockerfile) if kw == "ARG"}
         assert set(build.get("args") or {}) <= declared_args, f"service {name}: build args the Dockerfile lacks"
+
+
+def test_base_image_args_default_to_the_dockerfiles_bases(services: dict[str, dict]):
+    # docker-compose 1.x turns an arg without a value into "", which would empty a FROM; so the compose
+    # file repeats the defaults, and they must stay the Dockerfile's.
+    dockerfile_defaults = {
+        name: default
+        for keyword, arguments in dockerfile_instructions(DOCKER_DIR / "Dockerfile")
+        for name, _, default in [arguments.partition("=")]
+        if keyword == "ARG" and name.endswith("_IMAGE")
+    }
+    assert {"PYTHON_IMAGE", "DEBIAN_IMAGE", "CUDA_IMAGE"} <= set(dockerfile_defaults)
+    built = {name: service["build"] for name, service in services.items() if "build" in service}
+    assert len(built) >= 6
+    for name, build in built.items():
+        args = build.get("args") or {}
+        assert set(dockerfile_defaults) <= set(args), f"service {name}: pass every base-image arg"
+        for arg, default in dockerfile_defaults.items():
+            assert interpolate(str(args[arg])) == default, f"service {name}: {arg} defaults to {args[arg]!r}"
 
 
 def test_copy_sources_exist_and_stay_in_the_build_context():
@@ -503,6 +529,8 @@ def test_requirement_pins_match_pyproject():
     assert not HEAVY_DISTRIBUTIONS & set(api), "the API image must not install torch/diffusers"
     for name in ("torch", "torchvision"):
         assert pinned_version(worker[name]) == pinned_version(declared[name])
+    # The images install torch in a layer of its own, from this file.
+    assert set(read_requirements(DOCKER_DIR / "requirements-torch.txt")) == {"torch", "torchvision"}
 
     gpu_extra = {
         canonicalize_name(Requirement(d).name): Requirement(d)
