@@ -49,8 +49,8 @@ class World:
 def world(tmp_path_factory) -> World:
     root = tmp_path_factory.mktemp("fit")
     settings = Settings(artifact_dir=root / "artifacts", torch_threads=1)
-    shards = write_test_shards(root / "shards", num_shards=2, per_shard=24)
     generator = write_tiny_vae(root / "generator")
+    shards = write_test_shards(root / "shards", num_shards=2, per_shard=24, generator_dir=generator)
     fit(tiny_config("ce", seed=1), root / "teacher", settings=settings)
     fit(tiny_config("ce"), root / "ce", settings=settings)
     inputs = {"teacher_run": root / "teacher", "init_from": root / "ce", "shards": shards, "generator_dir": generator}
@@ -198,6 +198,13 @@ def test_teacher_cache_is_reused_and_keyed_by_the_weights(tmp_path):
     assert fresh.key != first.key
     assert torch.count_nonzero(fresh.logits - model.head.bias) == 0, "new weights, new outputs"
     assert len(list((tmp_path / "cache").iterdir())) == 2 and cache_file.exists()
+
+
+def test_pixel_outliers_are_decoded_only_by_the_generator_that_made_them(world):
+    other = write_tiny_vae(world.root / "other-generator", image_channels=3)
+    config = tiny_config("pixel-oe", evaluate=False, **{**world.student_inputs, "generator_dir": other})
+    with pytest.raises(ConfigError, match="generator_dir: .*other-generator has content hash"):
+        fit(config, world.root / "pixel-other", settings=world.settings)
 
 
 def test_pixel_outliers_can_be_decoded_batch_by_batch(world):

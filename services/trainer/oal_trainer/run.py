@@ -13,7 +13,7 @@ import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from oal_shared.data.benchmark import Benchmark, load_benchmark
 from oal_shared.errors import ConfigError
 from oal_shared.schedules import warmup_cosine
 from oal_shared.settings import Settings
+from oal_shared.shards import OutlierManifest
 from oal_trainer.checkpoint import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
@@ -43,7 +44,6 @@ from oal_trainer.data import (
     id_loader,
     id_train_set,
     seeded_generator,
-    shard_urls,
     steps_per_epoch,
 )
 from oal_trainer.distributed import DistContext, barrier, init_distributed, wrap_model
@@ -51,6 +51,9 @@ from oal_trainer.models import build_model
 from oal_trainer.objective import OALObjective, StepBatch, TrainModules
 from oal_trainer.recipes import TrainConfig
 from oal_trainer.teacher import LoadedRun, TeacherOutputs, cached_teacher_outputs, load_run_model, load_teacher
+
+if TYPE_CHECKING:  # decode pulls in diffusers; only pixel-space runs import it
+    from oal_trainer.decode import DecodedOutliers, PixelDecoder
 
 logger = logging.getLogger(__name__)
 
@@ -100,8 +103,8 @@ class RunOutliers:
 class PixelOutliers:
     """Outlier latents as images (pixel space): looked up in the decoded cache, or decoded per batch."""
 
-    decoder: Any  # oal_trainer.decode.PixelDecoder
-    decoded: Any | None  # oal_trainer.decode.DecodedOutliers (pixel_decode=precompute)
+    decoder: PixelDecoder
+    decoded: DecodedOutliers | None  # pixel_decode=precompute
 
     def images(self, batch: OutlierBatch, device: torch.device) -> torch.Tensor:
         if self.decoded is not None:
@@ -233,7 +236,7 @@ def build_run(config: TrainConfig, run_dir: Path, settings: Settings) -> Run:
     outliers = open_outliers(config, steps_per_ep, ctx) if config.uses_outliers else None
     pixels = None
     if config.outlier_space == "pixel" and outliers is not None:
-        pixels = _open_pixel_outliers(config, benchmark, ctx, cache_dir)
+        pixels = _open_pixel_outliers(config, benchmark, ctx, cache_dir, outliers.source.manifest)
     aux = TrainModules.for_config(
         config,
         student.feature_dim,
@@ -316,10 +319,11 @@ def _load_teacher(
 
 
 def open_outliers(config: TrainConfig, steps_per_ep: int, ctx: DistContext) -> RunOutliers:
-    """The run's outlier source (stream or memory) over `config.shards`, with the job spec of its manifest."""
-    from oal_shared.errors import ManifestError
-    from oal_shared.shards import read_manifest
+    """The run's outlier source (stream or memory) over the job folder `config.shards`, and its provenance.
 
+    The source opens the job's manifest first (refusing a folder without one); the job spec recorded
+    in run.json is the manifest's.
+    """
     shards = Path(config.shards)  # type: ignore[arg-type]
     common = {
         "batch_size": config.outliers_per_step,
@@ -332,15 +336,13 @@ def open_outliers(config: TrainConfig, steps_per_ep: int, ctx: DistContext) -> R
         source = OutlierStream(shards, shuffle_buffer=config.shuffle_buffer, workers=config.outlier_workers, **common)
     else:
         source = InMemoryOutliers(shards, **common)
-    try:
-        job_spec = read_manifest(shards).get("spec")
-    except ManifestError as exc:
-        logger.warning("Outlier manifest not readable (%s); recording none", exc)
-        job_spec = None
-    return RunOutliers(config, source, job_spec)
+    return RunOutliers(config, source, source.manifest.spec)
 
 
-def _open_pixel_outliers(config: TrainConfig, benchmark: Benchmark, ctx: DistContext, cache_dir: Path) -> PixelOutliers:
+def _open_pixel_outliers(
+    config: TrainConfig, benchmark: Benchmark, ctx: DistContext, cache_dir: Path, manifest: OutlierManifest
+) -> PixelOutliers:
+    """The generator's VAE, checked against the manifest's generator hash, and the decoded cache if asked."""
     from oal_trainer.decode import DecodedOutliers, PixelDecoder
 
     decoder = PixelDecoder(
@@ -350,6 +352,7 @@ def _open_pixel_outliers(config: TrainConfig, benchmark: Benchmark, ctx: DistCon
         mean=benchmark.mean,
         std=benchmark.std,
         device=ctx.device,
+        manifest=manifest,
     )
     decoded = None
     if config.pixel_decode == "precompute":
@@ -357,7 +360,7 @@ def _open_pixel_outliers(config: TrainConfig, benchmark: Benchmark, ctx: DistCon
             ctx,
             lambda write: DecodedOutliers(
                 decoder,
-                shard_urls(Path(config.shards)),  # type: ignore[arg-type]
+                manifest,
                 cache_dir,
                 batch_size=config.eval_batch_size,
                 on_bad_shard=config.on_bad_shard,
