@@ -445,3 +445,22 @@ def test_dataloader_workers_read_disjoint_shards_once_each(tmp_path: Path):
     )
     read = keys_of(loader)
     assert sorted(read) == sorted(keys_of(iter_outlier_samples(urls)))
+
+
+def test_each_sample_read_is_checked_once(tmp_path: Path, monkeypatch):
+    from oal_shared.shards import reader, schema
+
+    write_outlier_shards(tmp_path, num_shards=2, per_shard=3)
+    calls = []
+    rule = schema.sample_problem
+
+    def counted(*fields):
+        calls.append(fields[0])
+        return rule(*fields)
+
+    # Both places that could check a sample: the reader, and OutlierSample's constructor.
+    monkeypatch.setattr(schema, "sample_problem", counted)
+    monkeypatch.setattr(reader, "sample_problem", counted)
+    read = keys_of(iter_outlier_samples(list_shards(tmp_path)))
+    assert len(read) == 6
+    assert sorted(calls) == sorted(read), "one check per sample"
