@@ -12,9 +12,11 @@ Read top-down like a diffusers pipeline's `__call__`:
  7. denoise each shard not already on disk, batch by batch, checking for cancel between batches
  8. write manifest.json and return a summary
 
-A retried job (worker killed, timeout, crash) runs the same steps; shards already under their
-final name are complete by construction (write, fsync, rename) and are only re-described, so the
-job resumes where it stopped and writes the same bytes it would have written the first time.
+A retried job (worker killed, timeout, crash) runs the same steps; a shard already under its
+final name is complete by construction (write, fsync, rename), and it is kept only when every
+sample in it is the one this job plans (job id, generator content hash, spec, seeds, embeddings:
+`oal_synth.resume`), so the job resumes where it stopped and writes the same bytes it would have
+written the first time.
 """
 
 from __future__ import annotations
@@ -35,22 +37,26 @@ from rq.job import Job
 
 from oal_shared.data.benchmark import load_benchmark
 from oal_shared.embeddings import EmbeddingSet
-from oal_shared.errors import ConfigError, ShardError
+from oal_shared.errors import ConfigError
 from oal_shared.paths import safe_join
 from oal_shared.seeds import derive_seed
 from oal_shared.settings import Settings, get_settings
 from oal_shared.shards import (
     OutlierSample,
     ShardInfo,
-    describe_shard,
     sample_key,
-    shard_name,
     write_manifest,
-    write_shard,
 )
-from oal_synth.generators.base import LatentGenerator
+from oal_synth.generators.base import GeneratorInfo, LatentGenerator
 from oal_synth.generators.registry import load_generator
 from oal_synth.queue import JobCanceled, JobInterrupted, is_cancel_requested
+from oal_synth.resume import (
+    PlannedSample,
+    remove_stale_temp_files,
+    reusable_shard,
+    spec_sha256,
+    write_planned_shard,
+)
 from oal_synth.sampler import BoundaryOutliers, sample_outliers
 from oal_synth.spec import EmbeddingsFromBenchmark, EmbeddingsFromSet, JobSpec
 from oal_synth.store import EmbeddingSetStore
@@ -158,24 +164,27 @@ def run_synthesis_job(spec_json: dict, job_id: str | None = None) -> dict:
     # 6. Plan shards.
     shard_rows = plan_shards(len(plan), spec.shards.max_samples)
 
-    # 7. Denoise and write every shard not already complete on disk.
+    # 7. Denoise and write every shard not already on disk as planned (a killed writer's temp files go).
+    remove_stale_temp_files(out_dir)
     infos: list[ShardInfo] = []
     done, resumed = 0, 0
     for index, rows in enumerate(shard_rows):
-        existing = complete_shard(out_dir, index, len(rows))
+        planned = planned_samples(plan, rows, spec, info, es, context.job_id)
+        existing = reusable_shard(out_dir, index, planned)
         if existing is not None:
             info_i, resumed = existing, resumed + 1
-            done += len(rows)
         else:
             samples = []
             for batch in batches(rows, spec.diffusion.batch_size):
                 context.check_interrupts()
-                samples += denoise_batch(generator, plan, batch, spec, es, context.job_id)
+                offset = batch.start - rows.start
+                samples += denoise_batch(generator, plan, batch, spec, es, planned[offset : offset + len(batch)])
                 context.update(progress={"done": done + len(samples), "total": len(plan)})
-            info_i = write_shard(out_dir, index, samples)
-            done += len(rows)
+            info_i = write_planned_shard(out_dir, index, samples, planned)
+        done += len(rows)
         infos.append(info_i)
         context.update(progress={"done": done, "total": len(plan)}, shards=[i.to_json() for i in infos])
+    remove_stale_temp_files(out_dir)
 
     # 8. Write the manifest.
     manifest_path = write_manifest(
@@ -318,28 +327,49 @@ def batches(rows: range, batch_size: int) -> list[range]:
     return [rows[i : i + batch_size] for i in range(0, len(rows), batch_size)]
 
 
-def complete_shard(out_dir: Path, index: int, expected: int) -> ShardInfo | None:
-    """The info of shard `index` if it is on disk with the planned sample count, else None."""
-    path = out_dir / shard_name(index)
-    if not path.is_file():
-        return None
-    try:
-        info = describe_shard(path)
-    except ShardError as exc:
-        logger.warning("shard %s is unreadable (%s); writing it again", path, exc)
-        return None
-    if info.count != expected:
-        logger.warning("shard %s holds %d samples, the plan %d; writing it again", path, info.count, expected)
-        return None
-    logger.info("shard %s already complete (%d samples); kept", path.name, info.count)
-    return info
+def planned_samples(
+    plan: OutlierPlan, rows: range, spec: JobSpec, info: GeneratorInfo, es: EmbeddingSet, job_id: str
+) -> list[PlannedSample]:
+    """Everything the samples of `rows` hold but the latents: keys, classes, embeddings, provenance.
+
+    Computed before denoising, so a resumed job can compare a shard on disk with its plan.
+    """
+    spec_hash = spec_sha256(spec.model_dump(mode="json"))
+    sampler = spec.sampler.model_dump(mode="json")
+    planned = []
+    for i in rows:
+        cls = int(plan.class_ids[i])
+        meta = {
+            "job_id": job_id,
+            "index": i,
+            "generator": {"id": info.id, "kind": info.kind, "content_hash": info.content_hash},
+            "space": info.space,
+            "class": cls,
+            "class_name": es.class_names[cls],
+            "boundary_index": int(plan.boundary_index[i]),
+            "knn_distance": float(plan.knn_distance[i]),
+            "seed": int(plan.seeds[i]),
+            "scheduler": spec.diffusion.scheduler,
+            "steps": spec.diffusion.steps,
+            "guidance_scale": spec.diffusion.guidance_scale,
+            "scaling_factor": info.scaling_factor,
+            "sampler": dict(sampler),
+            "spec_sha256": spec_hash,
+        }
+        key = sample_key(job_id, cls, int(plan.boundary_index[i]), int(plan.rep[i]))
+        planned.append(PlannedSample(key=key, cls=cls, embedding=plan.embeddings[i].numpy().copy(), meta=meta))
+    return planned
 
 
 def denoise_batch(
-    generator: LatentGenerator, plan: OutlierPlan, rows: range, spec: JobSpec, es: EmbeddingSet, job_id: str
+    generator: LatentGenerator,
+    plan: OutlierPlan,
+    rows: range,
+    spec: JobSpec,
+    es: EmbeddingSet,
+    planned: list[PlannedSample],
 ) -> list[OutlierSample]:
-    """Stage C for rows of the plan: one latent per outlier embedding, with its provenance."""
-    info = generator.info
+    """Stage C for rows of the plan: one latent per outlier embedding, with its planned key and provenance."""
     index = np.arange(rows.start, rows.stop)
     embeddings = plan.embeddings[rows.start : rows.stop]  # (B, D)
     with torch.inference_mode():
@@ -351,32 +381,7 @@ def denoise_batch(
             class_names=es.class_names,
         )  # (B, C, H, W) float32, unscaled
     latents_np = latents.detach().float().cpu().numpy().astype(spec.shards.latent_dtype)
-    sampler = spec.sampler.model_dump(mode="json")
-    samples = []
-    for offset, i in enumerate(index.tolist()):
-        cls = int(plan.class_ids[i])
-        samples.append(
-            OutlierSample(
-                key=sample_key(job_id, cls, int(plan.boundary_index[i]), int(plan.rep[i])),
-                latent=latents_np[offset],
-                embedding=embeddings[offset].numpy().astype(np.float32),
-                cls=cls,
-                meta={
-                    "job_id": job_id,
-                    "index": i,
-                    "generator": {"id": info.id, "kind": info.kind, "content_hash": info.content_hash},
-                    "space": info.space,
-                    "class": cls,
-                    "class_name": es.class_names[cls],
-                    "boundary_index": int(plan.boundary_index[i]),
-                    "knn_distance": float(plan.knn_distance[i]),
-                    "seed": int(plan.seeds[i]),
-                    "scheduler": spec.diffusion.scheduler,
-                    "steps": spec.diffusion.steps,
-                    "guidance_scale": spec.diffusion.guidance_scale,
-                    "scaling_factor": info.scaling_factor,
-                    "sampler": sampler,
-                },
-            )
-        )
-    return samples
+    return [
+        OutlierSample(key=want.key, latent=latents_np[offset], embedding=want.embedding, cls=want.cls, meta=want.meta)
+        for offset, want in enumerate(planned)
+    ]
