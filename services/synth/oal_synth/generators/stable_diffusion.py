@@ -149,7 +149,7 @@ class StableDiffusionGenerator:
 
         def swap_class_rows(_module, _inputs, output: torch.Tensor) -> torch.Tensor:
             # output (B, T, D): token rows. Replace class-word rows by the outlier's direction times
-            # the norm of the row it replaces (docs/METHOD.md, Stage B: rescaled to that token embedding's norm).
+            # the norm of the row it replaces (docs/METHOD.md, Stage C: rescaled to that token embedding's norm).
             norms = output.float().norm(dim=-1, keepdim=True)  # (B, T, 1)
             swapped = directions[:, None, :] * norms  # (B, T, D)
             return torch.where(replace[..., None], swapped.to(output.dtype), output)
