@@ -17,6 +17,7 @@ from oal_trainer.checkpoint import CheckpointError, sha256_file
 from oal_trainer.fit import FitHooks, fit
 from oal_trainer.models import build_model
 from oal_trainer.recipes import RECIPES
+from oal_trainer.run import build_run
 from oal_trainer.teacher import LoadedRun, cached_teacher_outputs
 from tests.trainer.test_objective import RECIPE_TERMS
 from tests.utils.trainer_runs import tiny_config, write_test_shards, write_tiny_vae
@@ -137,6 +138,28 @@ def test_an_interrupted_run_resumes_from_its_last_epoch_and_matches(world):
     assert reference_lrs[0] < reference_lrs[2] and reference_lrs[-1] < reference_lrs[3], "warm-up, then decay"
     assert resumed.steps == 8
     assert _same_weights(_weights(run_dir), _weights(reference))
+
+
+def test_each_trained_part_has_its_own_peak_lr_and_floor(world):
+    config = tiny_config("oal-energy", min_lr_ratio=0.1, **world.student_inputs)
+    run = build_run(config, world.root / "lr-parts", world.settings)
+    peaks = {name: optimizer.param_groups[0]["lr"] for name, optimizer in run.optimizers.items()}
+    assert peaks == {
+        "student": config.lr,
+        "adapter": config.lr_adapter,
+        "club_emb": config.lr_club,
+        "club_latent": config.lr_club,
+        "projector": config.lr_projector,
+    }
+    trained = [p for optimizer in run.optimizers.values() for p in optimizer.param_groups[0]["params"]]
+    expected = [*run.student.parameters(), *run.objective.aux.parameters()]
+    assert len(trained) == len(expected) and {id(p) for p in trained} == {id(p) for p in expected}
+    for _ in range(run.total_steps):
+        for name, optimizer in run.optimizers.items():
+            optimizer.step()  # no gradients: nothing moves, the schedules advance
+            run.schedulers[name].step()
+    floors = {name: optimizer.param_groups[0]["lr"] for name, optimizer in run.optimizers.items()}
+    assert floors == pytest.approx({name: 0.1 * peak for name, peak in peaks.items()})
 
 
 def test_a_finished_run_dir_is_not_trained_over(world):

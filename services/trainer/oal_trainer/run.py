@@ -80,7 +80,7 @@ class RunOutliers:
 
     config: TrainConfig
     source: OutlierSource
-    job_spec: dict[str, Any] | None  # the manifest's "spec": the synthesis job that made the outliers
+    job_spec: dict[str, Any]  # the manifest's "spec": the synthesis job that made the outliers
 
     def record(self) -> dict[str, Any]:
         stats = self.source.stats
