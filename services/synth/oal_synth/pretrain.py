@@ -121,7 +121,7 @@ PRESETS: dict[str, PretrainConfig] = {
         warmup_steps=1,
         eval_images=64,
     ),
-    # The product default: about 4 minutes on 2 idle cores, sized from MACHINE-NOTES step times
+    # The product default: about 4 minutes on 2 idle cores, sized from the step times in docs/BENCHMARKS.md
     # (VAE 1.0 s and UNet 0.9 s per batch-256 step): encoder ~15 s, VAE ~65 s, UNet ~120 s, and
     # embedding / encoding 18,000 images ~15 s.
     "demo": PretrainConfig(name="demo"),
@@ -425,7 +425,7 @@ def build_unet(widths: tuple[int, ...], embed_dim: int) -> UNet2DConditionModel:
         block_out_channels=tuple(widths),
         layers_per_block=1,
         # Cross-attention at 8x8 (and in the mid block); plain ResNet blocks below: the context is one
-        # token, so more attention layers add cost (MACHINE-NOTES: 0.8M params, 0.9 s per batch-256 step).
+        # token, so more attention layers add cost (docs/BENCHMARKS.md: 0.8M params, 0.9 s per batch-256 step).
         down_block_types=("CrossAttnDownBlock2D",) + ("DownBlock2D",) * (len(widths) - 1),
         up_block_types=("UpBlock2D",) * (len(widths) - 1) + ("CrossAttnUpBlock2D",),
         cross_attention_dim=embed_dim,
