@@ -12,6 +12,7 @@ logs the traceback with the request id.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -31,7 +32,7 @@ from oal_shared.errors import (
 )
 from oal_synth.api.request_id import request_id_of
 from oal_synth.queue import JobNotFoundError, JobStateError
-from oal_synth.validation import spec_problems
+from oal_synth.validation import Problem, describe_problems, spec_problems
 
 logger = logging.getLogger(__name__)
 
@@ -96,27 +97,25 @@ def error_response(error: APIError, request: Request | None = None) -> JSONRespo
     )
 
 
-def validation_error(problems: list[dict[str, str]], code: str = "invalid_request") -> APIError:
-    """A 422 naming the first field at fault, every problem in `details`."""
-    first = problems[0] if problems else {"field": "body", "message": "invalid request"}
-    message = "; ".join(f"{p['field']}: {p['message']}" for p in problems) or first["message"]
-    return APIError(422, code, message, field=first["field"], details=problems)
+def validation_error(problems: Sequence[Problem]) -> APIError:
+    """A 422 in the words the worker would use (`describe_problems`): the first field, every problem in details."""
+    problems = list(problems) or [Problem("body", "invalid request")]
+    details = [{"field": p.field, "message": p.message} for p in problems]
+    return APIError(422, problems[0].code, describe_problems(problems), field=problems[0].field, details=details)
 
 
-def request_problems(errors: list[dict[str, Any]]) -> list[dict[str, str]]:
-    """FastAPI's validation errors as [{field, message}]: JSON syntax errors, then the spec's own."""
+def request_problems(errors: Sequence[Mapping[str, Any]]) -> list[Problem]:
+    """FastAPI's validation errors as problems: JSON syntax errors, then the spec's own."""
     problems = []
     for error in errors:
         loc = tuple(error.get("loc", ()))
         if error.get("type") == "json_invalid":  # loc is ("body", character position)
             reason = (error.get("ctx") or {}).get("error", "invalid JSON")
-            problems.append(
-                {"field": "body", "message": f"not valid JSON ({reason} at character {loc[-1] if loc else '?'})"}
-            )
+            problems.append(Problem("body", f"not valid JSON ({reason} at character {loc[-1] if loc else '?'})"))
             continue
         if loc and loc[0] in _LOC_SOURCES:
             loc = loc[1:]
-        problems += [{"field": p.field, "message": p.message} for p in spec_problems([{**error, "loc": loc}])]
+        problems += spec_problems([{**error, "loc": loc}])
     return problems
 
 

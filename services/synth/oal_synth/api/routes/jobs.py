@@ -52,8 +52,7 @@ def submit_job(
     # What the schema cannot check (limits, generator, embeddings), in the worker's words too.
     problems = check_submission(spec, settings, store)
     if problems:
-        details = [{"field": p.field, "message": p.message} for p in problems]
-        raise validation_error(details, code=problems[0].code)
+        raise validation_error(problems)
     # The count spares the queue a push when it is clearly full; enqueue_within_limit is exact.
     job = enqueue_within_limit(queue, spec, settings) if queued_count(queue) < settings.max_queued_jobs else None
     if job is None:
