@@ -7,14 +7,20 @@ JSON per written shard), `error` {code, message}, `output_dir`, `manifest_path`.
 
 Cancelling a running job is cooperative: the API sets a flag in its own Redis key (one builder per
 key name, like rq's `Job.key`) and the job looks at it between batches.
+
+Redis restarted empty (or flushed) while a job runs: the job finds its record gone at its next
+batch and stops (`JobLost`); its worker leaves a "lost" note under its own key instead of RQ's
+bookkeeping (which would write fragments of a job Redis no longer knows), and a lookup of the job
+raises `JobLostError`, a JobNotFoundError whose message says the queue lost it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 import uuid
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from redis import Redis
@@ -38,6 +44,8 @@ JOB_ID_PATTERN = re.compile(r"^[a-f0-9]{32}$")
 CANCEL_FLAG_MARGIN_S = 3600
 #: Statuses after which a job never runs again.
 TERMINAL_STATUSES = frozenset({JobStatus.FINISHED, JobStatus.FAILED, JobStatus.CANCELED, JobStatus.STOPPED})
+#: Seconds a "lost" note is kept when the job has no failure_ttl of its own (RQ's failure default).
+LOST_NOTE_TTL_S = 7 * 24 * 3600
 #: Statuses in which RQ's own cancel still prevents the job from ever starting.
 WAITING_STATUSES = frozenset({JobStatus.QUEUED, JobStatus.DEFERRED, JobStatus.SCHEDULED, JobStatus.CREATED})
 
@@ -48,6 +56,10 @@ class JobControlError(OALError):
 
 class JobNotFoundError(JobControlError, LookupError):
     """No job with this id (never submitted, or its record expired)."""
+
+
+class JobLostError(JobNotFoundError):
+    """The queue lost the job: Redis was restarted empty or flushed after it was submitted."""
 
 
 class JobStateError(JobControlError):
@@ -62,12 +74,21 @@ class JobInterrupted(JobControlError):
     """Raised inside a running job when its worker shuts down; the worker puts the job back in the queue."""
 
 
+class JobLost(JobControlError):
+    """Raised inside a running job whose record Redis no longer holds; the worker notes it lost."""
+
+
 # ---------------------------------------------------------------------------- Redis keys and handles
 
 
 def cancel_flag_key(job_id: str) -> str:
     """Redis key whose existence asks the running job `job_id` to stop at its next batch."""
     return f"oal:synth:cancel:{job_id}"
+
+
+def lost_note_key(job_id: str) -> str:
+    """Redis key of the note a worker leaves when Redis lost job `job_id` while it ran."""
+    return f"oal:synth:lost:{job_id}"
 
 
 def connect(settings: Settings) -> Redis:
@@ -97,11 +118,7 @@ def new_job_id() -> str:
 def enqueue_synthesis(queue: Queue, spec: JobSpec, settings: Settings, job_id: str | None = None) -> Job:
     """Put one synthesis job on `queue`; the caller has validated `spec` and its limits."""
     spec_json = spec.model_dump(mode="json")
-    retry = (
-        Retry(max=settings.job_retries, interval=retry_interval_s(settings))
-        if settings.job_retries > 0
-        else None
-    )
+    retry = Retry(max=settings.job_retries, interval=retry_interval_s(settings)) if settings.job_retries > 0 else None
     job = queue.enqueue_call(
         func=SYNTHESIS_JOB_FUNC,
         args=(spec_json,),
@@ -140,7 +157,46 @@ def fetch_job(connection: Redis, job_id: str) -> Job:
     try:
         return Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
     except NoSuchJobError:
-        raise JobNotFoundError(f"no job {job_id!r}: never submitted, or its record expired") from None
+        pass
+    note = connection.get(lost_note_key(job_id))
+    if note is not None:
+        raise JobLostError(_lost_message(job_id, json.loads(note)))
+    if connection.exists(Job.key_for(job_id)):  # a worker's late write, not a job RQ can read
+        raise JobLostError(
+            f"job {job_id} was lost by the queue: Redis holds only fragments of its record "
+            "(restarted empty or flushed while a worker ran it); submit it again"
+        )
+    raise JobNotFoundError(
+        f"no job {job_id!r}: never submitted, its record expired, or Redis was restarted empty since"
+    )
+
+
+def job_record_exists(connection: Redis, job_id: str) -> bool:
+    """Whether Redis still holds the job as RQ enqueued it (its `data` field), not just fragments."""
+    return bool(connection.hexists(Job.key_for(job_id), "data"))
+
+
+def note_lost_job(connection: Redis, job: Job, worker_name: str) -> None:
+    """Leave the note `fetch_job` turns into JobLostError, from what the worker still knows of `job`."""
+    meta = job.meta or {}
+    note = {
+        "lost_at": datetime.now(UTC).isoformat(),
+        "worker": worker_name,
+        "progress": meta.get("progress"),
+        "output_dir": meta.get("output_dir"),
+    }
+    connection.set(lost_note_key(job.id), json.dumps(note), ex=job.failure_ttl or LOST_NOTE_TTL_S)
+
+
+def _lost_message(job_id: str, note: dict) -> str:
+    progress = note.get("progress") or {}
+    where = f" in {note['output_dir']}" if note.get("output_dir") else ""
+    return (
+        f"job {job_id} was lost by the queue: Redis was restarted empty (or flushed) while worker "
+        f"{note.get('worker', '?')} ran it, at {note.get('lost_at', '?')}; the worker stopped it after "
+        f"{progress.get('done', '?')}/{progress.get('total', '?')} outliers (finished shards stay{where}); "
+        "submit it again"
+    )
 
 
 def job_status(job: Job) -> JobStatus:

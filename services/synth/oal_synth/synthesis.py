@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import redis.exceptions
 import torch
 from redis import Redis
 from rq import get_current_job
@@ -49,7 +50,7 @@ from oal_shared.shards import (
 )
 from oal_synth.generators.base import GeneratorInfo, LatentGenerator
 from oal_synth.generators.registry import load_generator
-from oal_synth.queue import JobCanceled, JobInterrupted, is_cancel_requested
+from oal_synth.queue import JobCanceled, JobInterrupted, JobLost, is_cancel_requested, job_record_exists
 from oal_synth.resume import (
     PlannedSample,
     remove_stale_temp_files,
@@ -109,9 +110,19 @@ class JobContext:
         return cls(job_id=job_id)
 
     def check_interrupts(self) -> None:
-        """Raise JobCanceled when the API asked to cancel, JobInterrupted when the worker stops."""
-        if self.connection is not None and is_cancel_requested(self.connection, self.job_id):
-            raise JobCanceled(f"job {self.job_id} canceled on request")
+        """Raise JobLost when Redis no longer holds the job, JobCanceled when the API asked to cancel,
+        JobInterrupted when the worker stops. Redis out of reach for a moment: ask again next batch."""
+        if self.connection is not None:
+            try:
+                lost = not job_record_exists(self.connection, self.job_id)
+                canceled = not lost and is_cancel_requested(self.connection, self.job_id)
+            except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+                logger.warning("job %s: Redis out of reach (%s); going on, asking again next batch", self.job_id, exc)
+                lost = canceled = False
+            if lost:
+                raise JobLost(f"job {self.job_id}: Redis no longer holds its record (restarted empty or flushed)")
+            if canceled:
+                raise JobCanceled(f"job {self.job_id} canceled on request")
         if _stop_requested.is_set():
             raise JobInterrupted(f"job {self.job_id} interrupted: its worker is shutting down; it will resume")
 
@@ -119,7 +130,11 @@ class JobContext:
         if self.rq_job is None:
             return
         self.rq_job.meta.update(fields)
-        self.rq_job.save_meta()
+        try:
+            self.rq_job.save_meta()
+        except (redis.exceptions.ConnectionError, redis.exceptions.TimeoutError) as exc:
+            # Progress is news, not state: the next update carries it all again.
+            logger.warning("job %s: progress not saved, Redis out of reach (%s)", self.job_id, exc)
 
 
 def run_synthesis_job(spec_json: dict, job_id: str | None = None) -> dict:

@@ -20,6 +20,10 @@ on a CPU, longer on a GPU) and must not happen after CUDA is initialised. `Synth
   its next batch; the worker puts it back at the front of the queue (no retry is used up) and
   exits. A job whose cancel flag is set stops at its next batch and ends STOPPED, not retried.
   Errors that a retry cannot fix (bad spec, space mismatch, missing data) fail at once.
+- Redis restarted empty (or flushed). The running job finds its record gone at its next batch and
+  stops (`JobLost`); the worker then writes none of RQ's end-of-job bookkeeping, which would leave
+  fragments of a job Redis no longer knows, but a "lost" note the API reports. A worker whose own
+  record is gone registers again at its next heartbeat, so dashboards and /readyz see it.
 """
 
 from __future__ import annotations
@@ -45,7 +49,15 @@ from oal_shared.errors import (
     UnsafePathError,
 )
 from oal_shared.settings import Settings
-from oal_synth.queue import JobCanceled, JobInterrupted, connect, retry_interval_s, synthesis_queue
+from oal_synth.queue import (
+    JobCanceled,
+    JobInterrupted,
+    connect,
+    job_record_exists,
+    note_lost_job,
+    retry_interval_s,
+    synthesis_queue,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +93,7 @@ class SynthesisWorker(SimpleWorker):
         self._beats_stop = threading.Event()
         self._beats: threading.Thread | None = None
         self._requeue_job_id: str | None = None
+        self._lost_job_id: str | None = None
         self.push_exc_handler(self._sort_failure)
 
     # -- maintenance while idle ----------------------------------------------------------------
@@ -109,6 +122,9 @@ class SynthesisWorker(SimpleWorker):
         # The job has returned or raised: stop beating before RQ removes its execution records,
         # so a late beat cannot recreate them.
         self._stop_beats()
+        if self._is_lost(job):
+            self._lost_job_id = job.id  # success and failure handling both forget it instead
+            return
         super().handle_execution_ended(job, queue, heartbeat_ttl)
 
     def _start_beats(self, job: Job, execution) -> None:
@@ -127,9 +143,58 @@ class SynthesisWorker(SimpleWorker):
     def _beat(self, job: Job, execution) -> None:
         while not self._beats_stop.wait(self.heartbeat_s):
             try:
+                if not job_record_exists(self.connection, job.id):
+                    # A beat now would write fragments of a job Redis no longer has.
+                    self.log.error(
+                        "Worker %s: Redis lost job %s (restarted empty or flushed?); heartbeats stop, "
+                        "the job stops at its next batch",
+                        self.name,
+                        job.id,
+                    )
+                    return
                 self.maintain_heartbeats(job, execution)
             except redis.exceptions.RedisError as exc:  # the next beat tries again
                 self.log.warning("Worker %s: heartbeat of job %s failed: %s", self.name, job.id, exc)
+
+    # -- Redis restarted empty ----------------------------------------------------------------
+
+    def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
+        if pipeline is None and not self.connection.hexists(self.key, "birth"):
+            self.log.warning(
+                "Worker %s: Redis no longer knows this worker (restarted empty or flushed?); registering again",
+                self.name,
+            )
+            self.connection.delete(self.key)  # fragments; register_birth refuses a live-looking record
+            self.register_birth()
+            self.set_state(self.get_state())
+        super().heartbeat(timeout, pipeline)
+
+    def _is_lost(self, job: Job) -> bool:
+        try:
+            return not job_record_exists(self.connection, job.id)
+        except redis.exceptions.RedisError:
+            return False  # out of reach, not lost: RQ's own handling goes on
+
+    def handle_job_success(self, job: Job, queue: Queue, started_job_registry, execution) -> None:
+        if self._lost_job_id == job.id:
+            return self._forget_lost_job(job, execution)
+        return super().handle_job_success(job, queue, started_job_registry, execution)
+
+    def _forget_lost_job(self, job: Job, execution) -> None:
+        self._lost_job_id = None
+        with self.connection.pipeline() as pipeline:
+            self.cleanup_execution(job, pipeline=pipeline, execution=execution)
+            pipeline.delete(job.key)  # what the job's last progress update wrote
+            pipeline.execute()
+        note_lost_job(self.connection, job, self.name)
+        progress = job.meta.get("progress") or {}
+        self.log.error(
+            "Worker %s: job %s was lost by Redis while it ran; stopped at %s/%s outliers, noted as lost",
+            self.name,
+            job.id,
+            progress.get("done", "?"),
+            progress.get("total", "?"),
+        )
 
     # -- shutdown, cancel, failures -----------------------------------------------------------
 
@@ -141,6 +206,8 @@ class SynthesisWorker(SimpleWorker):
 
     def _sort_failure(self, job: Job, exc_type, exc_value, traceback) -> bool:
         """Exception handler: decide stop / requeue / fail-now, and record the error for the API."""
+        if self._lost_job_id == job.id:
+            return True  # nothing to record in a Redis that forgot the job
         if isinstance(exc_value, JobCanceled):
             self._stopped_job_id = job.id  # RQ then marks it STOPPED and never retries it
         elif isinstance(exc_value, JobInterrupted):
@@ -157,6 +224,8 @@ class SynthesisWorker(SimpleWorker):
         return True
 
     def handle_job_failure(self, job: Job, queue: Queue, started_job_registry=None, exc_string="", execution=None):
+        if self._lost_job_id == job.id:
+            return self._forget_lost_job(job, execution)
         if self._requeue_job_id != job.id:
             return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
         self._requeue_job_id = None
