@@ -78,7 +78,7 @@ def fuzz(strategy, examples: int, stream: str, log: FuzzLog) -> None:
 
 
 def with_real_inputs(set_id: str):
-    """Point a generated job spec at the real generator and set, so it can pass check_spec and enqueue."""
+    """Point a generated job spec at the real generator and set, so it can pass check_submission and enqueue."""
 
     def patch(case):
         if isinstance(case.body, dict):
