@@ -221,6 +221,15 @@ def test_a_sample_unlike_the_manifest_layout_is_a_bad_sample(tmp_path):
         InMemoryOutliers(shard_dir, batch_size=4, steps_per_epoch=1, seed=0)
 
 
+def test_in_memory_outliers_refuse_shards_holding_other_than_the_manifest_count(tmp_path):
+    shard_dir = write_test_shards(tmp_path / "job", num_shards=2, per_shard=4)
+    write_test_shards(tmp_path / "bigger", num_shards=2, per_shard=5)
+    for name in ("outliers-000000.tar", "outliers-000001.tar"):  # same names, more samples each
+        (tmp_path / "bigger" / name).replace(shard_dir / name)
+    with pytest.raises(ManifestError, match="the shards hold 10 samples, the manifest says 8"):
+        InMemoryOutliers(shard_dir, batch_size=4, steps_per_epoch=1, seed=0)
+
+
 @pytest.fixture(scope="module")
 def few_outliers(tmp_path_factory) -> Path:
     """A job with 5 outliers, fewer than one batch of 8."""

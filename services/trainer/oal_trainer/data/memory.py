@@ -9,7 +9,7 @@ from typing import Literal
 
 import torch
 
-from oal_shared.errors import ShardError
+from oal_shared.errors import ManifestError, ShardError
 from oal_shared.shards import ReadStats, iter_outlier_samples
 from oal_trainer.data.outliers import ManifestOutliers, OutlierBatch, OutlierStats, collate_outliers
 from oal_trainer.data.seeds import seeded_generator
@@ -46,6 +46,11 @@ class InMemoryOutliers(ManifestOutliers):
         self.stats.errors = list(read_stats.errors)
         if not samples:
             raise ShardError(f"no readable outlier samples in {self.shard_dir}")
+        expected = self.manifest.num_samples
+        if on_bad_shard == "raise" and len(samples) != expected:
+            raise ManifestError(
+                f"{self.shard_dir}: the shards hold {len(samples)} samples, the manifest says {expected}"
+            )
         self.data = collate_outliers(samples)
         logger.info("Loaded %d outliers from %s into memory", len(self.data), self.shard_dir)
         self.warn_if_fewer_than_a_batch(len(self.data))
