@@ -228,6 +228,7 @@ def _finish(run: Run, train_seconds: float) -> FitResult:
         "steps": run.state.step,
         "world_size": run.ctx.world_size,
         "device": str(run.ctx.device),
+        "seeds": run_seeds(run),
         "teacher": _run_ref(run.teacher.run if run.teacher is not None else None),
         "init_from": _run_ref(run.init_run),
         "outliers": run.outliers.record() if run.outliers is not None else None,
@@ -280,6 +281,25 @@ def _log_interval(
     record = {"epoch": epoch + 1, "step": step, "lr": lr, "samples_per_s": rate, **means}
     with open(run_dir / TRAIN_LOG_FILE, "a", encoding="utf-8") as handle:
         handle.write(json.dumps(record) + "\n")
+
+
+def run_seeds(run: Run) -> dict[str, int | None]:
+    """Every seed that shaped this run, by what it varies (docs/TRAINER.md, Sweeps): this run's own
+    three, the seed of the run its student started from, and the synthesis seed of its outliers."""
+    config = run.config
+    init_seed = None
+    if run.init_run is not None:
+        init_config = Path(run.init_run.run_dir) / "config.json"
+        if init_config.is_file():
+            init_seed = json.loads(init_config.read_text(encoding="utf-8")).get("seed")
+    job_spec = run.outliers.job_spec if run.outliers is not None else None
+    return {
+        "weights": config.seed,
+        "data": config.effective_data_seed,
+        "outliers": config.effective_outlier_seed,
+        "init_run": init_seed,
+        "synthesis": job_spec.get("seed") if isinstance(job_spec, dict) else None,
+    }
 
 
 def _run_ref(run: LoadedRun | None) -> dict[str, str] | None:

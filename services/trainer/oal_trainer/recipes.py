@@ -49,7 +49,13 @@ class TrainConfig(BaseModel):
     preset: Literal["smoke", "demo", "full"] | None = Field(None, description="Preset applied, if any.")
     benchmark: str = Field("fmnist-osr", description="Benchmark id (oal_shared.data.benchmark.BENCHMARKS).")
     model: str = Field("resnet_small", description="Student architecture (oal_trainer.models.MODEL_NAMES).")
-    seed: int = Field(0, ge=0, description="Seeds weights, data order, augmentation and outlier draws.")
+    seed: int = Field(
+        0, ge=0, description="Seeds the weights this run initialises, and data_seed / outlier_seed when they are null."
+    )
+    data_seed: int | None = Field(
+        None, ge=0, description="Seeds the ID train subset, the ID order and the augmentation; seed if null."
+    )
+    outlier_seed: int | None = Field(None, ge=0, description="Seeds which outliers each step draws; seed if null.")
 
     # ID data
     train_subset: int | None = Field(None, ge=1, description="Train on this many ID images (seeded); all if null.")
@@ -163,6 +169,14 @@ class TrainConfig(BaseModel):
     @property
     def outliers_per_step(self) -> int:
         return self.outlier_batch_size or self.batch_size
+
+    @property
+    def effective_data_seed(self) -> int:
+        return self.seed if self.data_seed is None else self.data_seed
+
+    @property
+    def effective_outlier_seed(self) -> int:
+        return self.seed if self.outlier_seed is None else self.outlier_seed
 
     def resume_key(self) -> dict[str, Any]:
         """The fields a checkpoint must agree on before a run may resume from it."""

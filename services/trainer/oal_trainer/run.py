@@ -156,13 +156,14 @@ class Run:
         )
 
     def batches(self, epoch: int) -> Iterator[StepBatch]:
-        """The epoch's StepBatches: ID order, augmentation and outlier draw seeded by (seed, epoch, rank)."""
+        """The epoch's StepBatches: ID order and augmentation seeded by (data seed, epoch, rank), the outlier
+        draw by (outlier seed, epoch, rank)."""
         config, ctx = self.config, self.ctx
-        augment_gen = seeded_generator(config.seed, "augment", epoch, ctx.rank)
+        augment_gen = seeded_generator(config.effective_data_seed, "augment", epoch, ctx.rank)
         loader = id_loader(
             self.train,
             config.batch_size,
-            config.seed,
+            config.effective_data_seed,
             epoch,
             rank=ctx.rank,
             world_size=ctx.world_size,
@@ -222,7 +223,7 @@ def build_run(config: TrainConfig, run_dir: Path, settings: Settings) -> Run:
 
     # Data
     benchmark = load_benchmark(config.benchmark, settings)
-    train = id_train_set(benchmark, config.train_subset, config.seed)
+    train = id_train_set(benchmark, config.train_subset, config.effective_data_seed)
     steps_per_ep = steps_per_epoch(len(train), config.batch_size, ctx.world_size)
     if steps_per_ep < 1:
         raise ConfigError(
@@ -328,7 +329,7 @@ def open_outliers(config: TrainConfig, steps_per_ep: int, ctx: DistContext) -> R
     common = {
         "batch_size": config.outliers_per_step,
         "steps_per_epoch": steps_per_ep,
-        "seed": config.seed,
+        "seed": config.effective_outlier_seed,
         "on_bad_shard": config.on_bad_shard,
         "rank": ctx.rank,
     }

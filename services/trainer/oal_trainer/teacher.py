@@ -6,7 +6,8 @@ ways, chosen by `teacher_mode`:
   stored as safetensors under a key that hashes the teacher's weights (sha256 of model.safetensors),
   the exact input tensor and the model name; a changed teacher or data set never reads a stale cache.
   Valid only when the student also sees un-augmented images (the config refuses augment + cache).
-- "live": the teacher runs on every (augmented) batch; measured 3x slower steps (docs/BENCHMARKS.md, Sizing measurements).
+- "live": the teacher runs on every (augmented) batch; measured 3x slower steps
+  (docs/BENCHMARKS.md, Sizing measurements).
 """
 
 from __future__ import annotations
@@ -18,7 +19,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from oal_shared.errors import ConfigError
@@ -26,9 +26,9 @@ from oal_trainer.checkpoint import (
     CONFIG_FILE,
     MODEL_FILE,
     CheckpointError,
-    atomic_write,
     load_weights,
     read_safetensors,
+    save_safetensors,
     sha256_file,
 )
 from oal_trainer.models import build_model
@@ -148,5 +148,5 @@ def cached_teacher_outputs(
     if write:
         tensors = {"logits": logits.contiguous(), "features": features.contiguous()}
         metadata = {"key": key, "teacher_run": str(teacher.run_dir), "model": teacher.model_name}
-        atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        save_safetensors(path, tensors, metadata)
     return TeacherOutputs(logits, features, key)
