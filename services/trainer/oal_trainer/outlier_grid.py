@@ -15,22 +15,20 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from oal_shared.errors import ConfigError
-from oal_shared.shards import iter_outlier_samples, list_shards
+from oal_shared.shards import OutlierManifest, iter_outlier_samples, load_manifest
 from oal_trainer.decode import PixelDecoder
 
 logger = logging.getLogger(__name__)
 
 
-def collect_latents_per_class(shard_dir: Path, per_class: int) -> tuple[dict[int, list[np.ndarray]], dict[int, str]]:
-    """The first `per_class` latents of each source class, in shard order, and the class names
-    their provenance records."""
-    shards = list_shards(shard_dir)
-    if not shards:
-        raise ConfigError(f"shards: no outliers-*.tar in {shard_dir}")
+def collect_latents_per_class(
+    manifest: OutlierManifest, per_class: int
+) -> tuple[dict[int, list[np.ndarray]], dict[int, str]]:
+    """The first `per_class` latents of each source class, in the manifest's shard order, and the
+    class names their provenance records."""
     picked: dict[int, list[np.ndarray]] = defaultdict(list)
     names: dict[int, str] = {}
-    for sample in iter_outlier_samples(shards):
+    for sample in iter_outlier_samples(manifest.shard_paths):
         if len(picked[sample.cls]) < per_class:
             picked[sample.cls].append(sample.latent.astype(np.float32))
             names.setdefault(sample.cls, str(sample.meta.get("class_name", f"class {sample.cls}")))
@@ -46,7 +44,8 @@ def draw_outlier_grid(
     image_size: int = 28,
     in_channels: int = 1,
 ) -> Path:
-    latents, class_names = collect_latents_per_class(shard_dir, per_class)
+    manifest = load_manifest(shard_dir)  # refuses a running or crashed job; names the generator to check
+    latents, class_names = collect_latents_per_class(manifest, per_class)
     decoder = PixelDecoder(
         generator_dir,
         image_size=image_size,
@@ -54,6 +53,7 @@ def draw_outlier_grid(
         mean=(0.0,) * in_channels,
         std=(1.0,) * in_channels,
         device=torch.device("cpu"),
+        manifest=manifest,
     )
     rows = len(latents)
     figure = Figure(figsize=(per_class * 0.8 + 1.6, rows * 0.8 + 0.4))

@@ -11,13 +11,14 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
+# The file name is shared with the trainer, which hashes generator folders without importing oal_synth.
+from oal_shared.generator_hash import GENERATOR_INFO_FILE as GENERATOR_INFO_FILE
+
 if TYPE_CHECKING:
     import numpy as np
     import torch
 
     from oal_synth.spec import DiffusionConfig
-
-GENERATOR_INFO_FILE = "oal_generator.json"
 
 
 @dataclass(frozen=True)
