@@ -23,10 +23,11 @@ import torch
 from diffusers import StableDiffusionPipeline
 
 from oal_shared.errors import ConfigError
+from oal_shared.token_space import token_space_id
 from oal_synth.devices import resolve_device, resolve_dtype
 from oal_synth.generators import diffusion as stage_c
 from oal_synth.generators.base import GENERATOR_INFO_FILE, GeneratorInfo
-from oal_synth.generators.files import content_hash, read_generator_info, short_hash, write_generator_info
+from oal_synth.generators.files import content_hash, read_generator_info, write_generator_info
 from oal_synth.spec import DiffusionConfig
 
 logger = logging.getLogger(__name__)
@@ -37,16 +38,6 @@ SD_KIND = "stable-diffusion"
 
 def prompt_for(class_name: str) -> str:
     return f"{PROMPT_PREFIX} {class_name}"
-
-
-def token_space_id(token_embedding: torch.Tensor) -> str:
-    """ "sd-token:" + short hash of the token-embedding matrix, rounded to float16.
-
-    Rounding first makes the id the same whether the model was loaded in float32 or float16
-    (float32 -> float16 rounding is exact to repeat); bfloat16 weights give another id.
-    """
-    matrix = token_embedding.detach().to("cpu", torch.float16).contiguous().numpy()
-    return "sd-token:" + short_hash(np.ascontiguousarray(matrix).tobytes())
 
 
 class StableDiffusionGenerator:
