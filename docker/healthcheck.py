@@ -1,9 +1,10 @@
 #!/usr/bin/env python3
 """Container healthchecks of the OAL images (installed as /usr/local/bin/oal-healthcheck).
 
-    oal-healthcheck api      GET http://127.0.0.1:$OAL_API_PORT/healthz answers 200
-    oal-healthcheck worker   an RQ worker of this container is registered in Redis on $OAL_QUEUE_NAME
-                             and its process is alive here
+    oal-healthcheck api        GET http://127.0.0.1:$OAL_API_PORT/healthz answers 200
+    oal-healthcheck dashboard  GET http://127.0.0.1:9181/ (rq-dashboard) answers 200
+    oal-healthcheck worker     an RQ worker of this container is registered in Redis on $OAL_QUEUE_NAME
+                               and its process is alive here
 
 Why the worker check looks at Redis: RQ keeps a worker's key only while the worker heartbeats (the key
 expires after worker_ttl + 60 s, and during a job after the job's timeout), so a registered key with this
@@ -21,17 +22,29 @@ import urllib.error
 import urllib.request
 
 HTTP_TIMEOUT_S = 5.0
+#: The port docker-compose.yml starts rq-dashboard on (`--port 9181`); RQ_DASHBOARD_PORT changes it.
+DASHBOARD_PORT = 9181
 
 
-def check_api() -> tuple[bool, str]:
-    from oal_shared.settings import Settings
-
-    url = f"http://127.0.0.1:{Settings().api_port}/healthz"
+def _answers_200(url: str) -> tuple[bool, str]:
     try:
         with urllib.request.urlopen(url, timeout=HTTP_TIMEOUT_S) as response:
             return response.status == 200, f"{url} answered {response.status}"
     except (urllib.error.URLError, OSError) as exc:
         return False, f"{url} did not answer: {exc}"
+
+
+def check_api() -> tuple[bool, str]:
+    from oal_shared.settings import Settings
+
+    return _answers_200(f"http://127.0.0.1:{Settings().api_port}/healthz")
+
+
+def check_dashboard() -> tuple[bool, str]:
+    # The dashboard image has no oal_shared; only the standard library here. A script rather than
+    # `python -c "..."` in the compose file: podman's Docker-compatible API splits a healthcheck's
+    # exec-form arguments at spaces, so `-c` got only the word `import`.
+    return _answers_200(f"http://127.0.0.1:{os.environ.get('RQ_DASHBOARD_PORT', DASHBOARD_PORT)}/")
 
 
 def _process_alive(pid: int) -> bool:
@@ -71,7 +84,7 @@ def check_worker() -> tuple[bool, str]:
     return True, f"RQ worker {alive[0].name} (pid {alive[0].pid}) is {alive[0].get_state()}"
 
 
-CHECKS = {"api": check_api, "worker": check_worker}
+CHECKS = {"api": check_api, "dashboard": check_dashboard, "worker": check_worker}
 
 
 def main(argv: list[str] | None = None) -> int:

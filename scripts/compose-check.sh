@@ -17,6 +17,7 @@
 #   checks   the dashboard answers, the api has no torch, every container runs as a non-root user
 #   down     `down -v`; no container, volume or network of the project is left
 # Settings (environment): OAL_CHECK_PROJECT (oal-check), IMAGE_TAG (dev), OAL_CHECK_GPU (0),
+# OAL_CHECK_KILL=crash (kill -9 the worker's first process from the host instead of `ENGINE kill`),
 # OAL_CHECK_KEEP=1 (leave the project up at the end or on failure), OAL_CHECK_SKIP_BUILD=1 (use built
 # images), OAL_BUILD_CA_BUNDLE (CA bundle pip needs inside podman builds; default $PIP_CERT, then
 # $SSL_CERT_FILE), OAL_ENGINE (docker|podman), OAL_COMPOSE (the compose command to use).
@@ -33,7 +34,8 @@ CPU_TARGETS=(api dashboard worker-cpu trainer-cpu)
 GPU_TARGETS=(worker-gpu trainer-gpu)
 # The first job: small and quick; the second runs long enough on the smoke generator to be killed mid-way.
 JOB_OUTLIERS=${OAL_CHECK_OUTLIERS:-240}
-KILL_OUTLIERS=${OAL_CHECK_KILL_OUTLIERS:-3000}
+KILL_OUTLIERS=${OAL_CHECK_KILL_OUTLIERS:-300}
+KILL_SHARD=50
 STARTED=$SECONDS
 STEP_STARTED=$SECONDS
 TIMINGS=()
@@ -258,7 +260,7 @@ check_shards() { # JOB_ID EXPECTED_COUNT
 
 kill_worker_mid_job() {
     local job total done_count worker restarted=policy
-    job=$(submit_job "$KILL_OUTLIERS" 100)
+    job=$(submit_job "$KILL_OUTLIERS" "$KILL_SHARD")
     log "job $job ($KILL_OUTLIERS outliers): waiting for its first shard"
     local deadline=$((SECONDS + 300))
     while :; do
@@ -266,22 +268,28 @@ kill_worker_mid_job() {
         total=$(job_field "$job" 'd["progress"]["total"]')
         [[ $(job_field "$job" 'd["status"]') == finished ]] &&
             die "job $job finished before the kill; raise OAL_CHECK_KILL_OUTLIERS"
-        ((done_count >= 100 && done_count < total)) && break
+        ((done_count >= KILL_SHARD && done_count < total)) && break
         ((SECONDS < deadline)) || die "job $job made no progress in 300 s"
         sleep 0.5
     done
     worker=$(cid worker-cpu)
-    "$ENGINE" kill "$worker" >/dev/null
-    log "killed the worker container at $done_count/$total"
-    # restart: unless-stopped brings it back; an engine that does not restart killed containers gets
-    # a plain start, as an operator would do.
+    if [[ ${OAL_CHECK_KILL:-engine} == crash ]]; then
+        # SIGKILL to the container's first process from the host: what an OOM kill or a crash does.
+        kill -9 "$("$ENGINE" inspect -f '{{.State.Pid}}' "$worker")"
+        log "kill -9 of the worker container's init at $done_count/$total"
+    else
+        "$ENGINE" kill "$worker" >/dev/null
+        log "'$ENGINE kill' of the worker container at $done_count/$total"
+    fi
+    # restart: unless-stopped brings a crashed container back. podman (4.3) counts `podman kill` as a
+    # stop by the user and does not; then a plain start, as an operator would do.
     for _ in $(seq 15); do
         sleep 2
         [[ $("$ENGINE" inspect -f '{{.State.Running}}' "$worker") == true ]] && break
     done
     if [[ $("$ENGINE" inspect -f '{{.State.Running}}' "$worker") != true ]]; then
         restarted="'$ENGINE start' (the restart policy did not bring it back)"
-        "$ENGINE" start "$worker" >/dev/null
+        "$ENGINE" start "$worker" >/dev/null 2>>"$WORK/engine-errors.log"
     fi
     log "worker container running again, by $restarted"
     wait_healthy worker-cpu

@@ -369,7 +369,7 @@ def test_profiles_keep_cpu_worker_and_trainers_off_by_default(services: dict[str
 def test_healthchecks_on_redis_api_and_workers(services: dict[str, dict], stages: dict[str, dict]):
     from_script = load_healthcheck_module()
     assert as_argv(services["redis"]["healthcheck"]["test"]) == ["CMD", "redis-cli", "ping"]
-    for name, mode in (("api", "api"), ("worker", "worker"), ("worker-cpu", "worker")):
+    for name, mode in (("api", "api"), ("worker", "worker"), ("worker-cpu", "worker"), ("dashboard", "dashboard")):
         argv = as_argv(services[name]["healthcheck"]["test"])
         assert argv[:2] == ["CMD", "oal-healthcheck"] and argv[2:] == [mode], f"{name}: {argv}"
         assert mode in from_script.CHECKS
@@ -503,6 +503,33 @@ def test_dockerfile_follows_the_usual_lint_rules(stages: dict[str, dict]):
                 assert isinstance(json.loads(arguments), list), f"stage {stage['name']}: {keyword} not exec form"
 
 
+def test_layers_that_change_often_come_after_the_dependencies(stages: dict[str, dict]):
+    # A code or healthcheck change must not reinstall torch (GBs) or the pinned requirements: no stage
+    # that installs them copies code before (or inherits a stage that copied code at all).
+    def volatile(steps: list[tuple[str, str]]) -> list[int]:
+        return [
+            i
+            for i, (kw, args) in enumerate(steps)
+            if kw == "COPY" and ("--from=wheel" in args or "healthcheck.py" in args or " shared " in f" {args} ")
+        ]
+
+    installing = 0
+    for stage in stages.values():
+        steps = stage["instructions"]
+        installs = [i for i, (kw, args) in enumerate(steps) if kw == "RUN" and "pip install -r" in args]
+        if not installs:
+            continue
+        installing += 1
+        assert volatile(steps) and min(volatile(steps)) > max(installs), f"stage {stage['name']}: code before deps"
+        for parent in stage_lineage(stages, stage["name"])[1:]:
+            assert not volatile(parent["instructions"]), f"stage {stage['name']}: base {parent['name']} copies code"
+        torch = [i for i in installs if "requirements-torch.txt" in steps[i][1]]
+        others = [i for i in installs if i not in torch]
+        if torch:
+            assert max(torch) < min(others), f"stage {stage['name']}: torch must install in the first layer"
+    assert installing >= 4  # api, dashboard, worker-cpu, worker-gpu
+
+
 def test_images_the_services_run_are_not_root(services: dict[str, dict], stages: dict[str, dict]):
     targets = {service["build"]["target"] for service in services.values() if "build" in service}
     for target in targets:
@@ -612,12 +639,18 @@ def load_healthcheck_module():
 
 
 class _Healthz(BaseHTTPRequestHandler):
+    ok_path = "/healthz"
+
     def do_GET(self):  # noqa: N802 - http.server's name
-        self.send_response(200 if self.path == "/healthz" else 404)
+        self.send_response(200 if self.path == self.ok_path else 404)
         self.end_headers()
 
     def log_message(self, *args):
         pass
+
+
+class _DashboardRoot(_Healthz):
+    ok_path = "/"
 
 
 def _free_port() -> int:
@@ -640,6 +673,30 @@ def test_api_healthcheck_follows_the_api_port(oal_env, monkeypatch: pytest.Monke
     assert healthcheck.main(["api"]) == 1
     assert "did not answer" in capsys.readouterr().out
     assert healthcheck.main(["nonsense"]) == 2
+
+
+def test_dashboard_healthcheck_fetches_the_dashboard_page(monkeypatch: pytest.MonkeyPatch, capsys):
+    healthcheck = load_healthcheck_module()
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _DashboardRoot)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("RQ_DASHBOARD_PORT", str(server.server_address[1]))
+        assert healthcheck.main(["dashboard"]) == 0
+    finally:
+        server.shutdown()
+        server.server_close()
+    monkeypatch.setenv("RQ_DASHBOARD_PORT", str(_free_port()))
+    assert healthcheck.main(["dashboard"]) == 1
+    assert "did not answer" in capsys.readouterr().out
+
+
+def test_healthcheck_arguments_hold_no_spaces(services: dict[str, dict]):
+    # podman's Docker-compatible API (what docker-compose talks to) splits exec-form healthcheck
+    # arguments at spaces: `python -c "import x; ..."` ran as `python -c import`. Found by the
+    # compose check; one word per argument survives it.
+    for name, service in services.items():
+        argv = as_argv((service.get("healthcheck") or {}).get("test"))
+        assert not any(" " in arg for arg in argv), f"{name}: healthcheck {argv}"
 
 
 def test_worker_healthcheck_sees_a_registered_live_worker(oal_env, redis_conn, capsys):
