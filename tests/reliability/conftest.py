@@ -1,11 +1,16 @@
-"""Fixtures of the reliability tests: a private Redis the tests may stop, and a tiny-random service setup.
+"""Fixtures of the reliability tests: a private Redis the tests may stop, a tiny-random service setup,
+and a small real filesystem to fill.
 
 The shared Redis on 6379 is never stopped; a test that takes Redis away starts its own
-`redis-server` on a free loopback port and stops only that one.
+`redis-server` on a free loopback port and stops only that one. A disk-full test mounts its own
+tmpfs (root with mount permission; skipped elsewhere) and fills only that.
 """
 
 from __future__ import annotations
 
+import errno
+import gc
+import shutil
 import socket
 import subprocess
 from dataclasses import dataclass
@@ -14,6 +19,8 @@ from pathlib import Path
 import pytest
 import redis.exceptions
 from redis import Redis
+from rq import Worker
+from rq.worker import WorkerStatus
 
 from oal_shared.settings import Settings, get_settings
 from oal_synth.generators.base import GeneratorInfo
@@ -21,6 +28,15 @@ from oal_synth.store import EmbeddingSetStore
 from tests.utils.live_server import embedding_set_bytes, install_tiny_random, wait_until
 
 REDIS_START_TIMEOUT_S = 10.0
+#: Worker settings of the multi-worker fault tests, so heartbeats lapse and maintenance runs in seconds.
+FAST_HEARTBEAT_S = 1
+FAST_MAINTENANCE_S = 2
+FAST_WORKER_OPTIONS = ("--heartbeat", str(FAST_HEARTBEAT_S), "--maintenance", str(FAST_MAINTENANCE_S))
+#: A worker process imports torch and diffusers before it listens: seconds, more on a busy machine.
+WORKER_START_S = 90
+#: Size of the tmpfs a disk-full test fills: room for a few tiny-random shards or a small checkpoint.
+SMALL_FS_BYTES = 512 * 1024
+FILL_CHUNK_BYTES = 16 * 1024
 
 
 def free_port() -> int:
@@ -98,6 +114,71 @@ def private_redis(tmp_path: Path):
         yield server
     finally:
         server.stop()
+
+
+@dataclass
+class PrivateQueue:
+    """Settings and a connection for a queue on a private Redis (OAL_REDIS_URL points there)."""
+
+    settings: Settings
+    connection: Redis
+    redis: PrivateRedis
+
+
+@pytest.fixture
+def private_queue(oal_env, private_redis, monkeypatch):
+    monkeypatch.setenv("OAL_REDIS_URL", private_redis.url)
+    connection = Redis.from_url(private_redis.url)
+    try:
+        yield PrivateQueue(settings=reset_settings(), connection=connection, redis=private_redis)
+    finally:
+        connection.close()
+
+
+def idle_workers(connection: Redis) -> dict[str, int]:
+    """name -> pid of every registered worker whose state is idle."""
+    return {w.name: w.pid for w in Worker.all(connection=connection) if w.get_state() == WorkerStatus.IDLE}
+
+
+def pid_of_worker(connection: Redis, worker_name: str) -> int:
+    return Worker.find_by_key(Worker.redis_worker_namespace_prefix + worker_name, connection=connection).pid
+
+
+@pytest.fixture
+def small_filesystem(tmp_path: Path):
+    """A real tmpfs of SMALL_FS_BYTES mounted on a fresh folder, unmounted afterwards."""
+    mount_point = tmp_path / "small-fs"
+    mount_point.mkdir()
+    command = ["mount", "-t", "tmpfs", "-o", f"size={SMALL_FS_BYTES},mode=0755", "tmpfs", str(mount_point)]
+    if shutil.which("mount") is None:
+        pytest.skip("no `mount` command here; the disk-full tests mount a small tmpfs to fill")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=30, check=False)
+    if result.returncode != 0:
+        pytest.skip(
+            f"cannot mount a small tmpfs ({result.stderr.strip() or 'mount failed'}); "
+            "the disk-full tests need root with mount permission"
+        )
+    try:
+        yield mount_point
+    finally:
+        gc.collect()  # a failed writer's file object may still hold the mount busy
+        unmounted = subprocess.run(["umount", str(mount_point)], capture_output=True, timeout=30, check=False)
+        if unmounted.returncode != 0:  # detach now; the kernel frees it once the last file closes
+            subprocess.run(["umount", "--lazy", str(mount_point)], capture_output=True, timeout=30, check=False)
+
+
+def fill_filesystem(folder: Path) -> Path:
+    """Write a filler file in `folder` until the filesystem refuses (ENOSPC); returns the filler."""
+    filler = folder / "filler.bin"
+    chunk = b"\0" * FILL_CHUNK_BYTES
+    with open(filler, "wb", buffering=0) as handle:  # unbuffered: nothing left to flush at close
+        try:
+            while True:
+                handle.write(chunk)
+        except OSError as exc:
+            if exc.errno != errno.ENOSPC:
+                raise
+    return filler
 
 
 @dataclass

@@ -15,45 +15,39 @@ import signal
 import time
 
 import pytest
-from redis import Redis
-from rq import Worker
-from rq.worker import WorkerStatus
 
 from oal_shared.shards import list_shards, read_manifest
 from oal_synth.queue import enqueue_synthesis, fetch_job, job_view, synthesis_queue
 from oal_synth.spec import JobSpec
 from oal_synth.worker import ABANDON_AFTER_BEATS
-from tests.reliability.conftest import prepare_tiny_service, reset_settings, tiny_job_spec
+from tests.reliability.conftest import (
+    FAST_HEARTBEAT_S,
+    FAST_MAINTENANCE_S,
+    FAST_WORKER_OPTIONS,
+    WORKER_START_S,
+    idle_workers,
+    pid_of_worker,
+    prepare_tiny_service,
+    tiny_job_spec,
+)
 from tests.utils.live_server import wait_until, worker_process
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-HEARTBEAT_S = 1
-MAINTENANCE_S = 2
 #: What the worker promises between a kill and the retry (seconds).
-PROMISED_PICKUP_S = ABANDON_AFTER_BEATS * HEARTBEAT_S + MAINTENANCE_S
+PROMISED_PICKUP_S = ABANDON_AFTER_BEATS * FAST_HEARTBEAT_S + FAST_MAINTENANCE_S
 #: Room for the survivor to dequeue, load tiny-random and write the remaining shards (seconds).
 REST_OF_JOB_S = 20
-#: Worker start-up imports torch and diffusers: seconds, more on a busy machine.
-WORKER_START_S = 90
 
 
-def idle_workers(connection: Redis) -> dict[str, int]:
-    """name -> pid of each registered worker whose state is idle."""
-    workers = Worker.all(connection=connection)
-    return {worker.name: worker.pid for worker in workers if worker.get_state() == WorkerStatus.IDLE}
-
-
-def test_idle_survivor_takes_over_a_killed_workers_job_within_the_promise(
-    oal_env, private_redis, monkeypatch, tmp_path, tmp_path_factory
-):
-    monkeypatch.setenv("OAL_REDIS_URL", private_redis.url)
-    settings = reset_settings()
-    connection = Redis.from_url(private_redis.url)
-    options = ("--heartbeat", str(HEARTBEAT_S), "--maintenance", str(MAINTENANCE_S))
+def test_idle_survivor_takes_over_a_killed_workers_job_within_the_promise(private_queue, tmp_path, tmp_path_factory):
+    settings, connection = private_queue.settings, private_queue.connection
     logs = {"one": tmp_path / "worker-one.log", "two": tmp_path / "worker-two.log"}
 
-    with worker_process(*options, log_path=logs["one"]) as one, worker_process(*options, log_path=logs["two"]) as two:
+    with (
+        worker_process(*FAST_WORKER_OPTIONS, log_path=logs["one"]) as one,
+        worker_process(*FAST_WORKER_OPTIONS, log_path=logs["two"]) as two,
+    ):
         service = prepare_tiny_service(settings, tmp_path_factory.getbasetemp() / "tiny-random-cache")
         # Both idle before the job exists: both ran their start-up maintenance long before the kill.
         wait_until(lambda: len(idle_workers(connection)) == 2, timeout=WORKER_START_S, what="two idle workers")
@@ -67,7 +61,7 @@ def test_idle_survivor_takes_over_a_killed_workers_job_within_the_promise(
 
         wait_until(lambda: view()["shards"], timeout=60, what="the first shard")
         holder = fetch_job(connection, job.id).worker_name
-        victim = pids[Worker.find_by_key(Worker.redis_worker_namespace_prefix + holder, connection=connection).pid]
+        victim = pids[pid_of_worker(connection, holder)]
         survivor = next(proc for pid, proc in pids.items() if pid != victim.pid)
         assert view()["status"] == "started"
         os.killpg(victim.pid, signal.SIGKILL)

@@ -12,19 +12,21 @@ from __future__ import annotations
 import time
 
 import pytest
-from redis import Redis
-from rq import Worker
-from rq.worker import WorkerStatus
 
 from oal_synth.api.app import create_app
-from tests.reliability.conftest import prepare_tiny_service, reset_settings, tiny_job_spec, wait_for_job_end
+from tests.reliability.conftest import (
+    FAST_MAINTENANCE_S,
+    FAST_WORKER_OPTIONS,
+    WORKER_START_S,
+    idle_workers,
+    prepare_tiny_service,
+    tiny_job_spec,
+    wait_for_job_end,
+)
 from tests.utils.live_server import LiveServer, wait_until, worker_process
 
 pytestmark = [pytest.mark.redis, pytest.mark.slow]
 
-HEARTBEAT_S = 1
-MAINTENANCE_S = 2
-WORKER_START_S = 90
 #: A tiny-random job takes seconds; the worker may need a few reconnects after the restart.
 JOB_TIMEOUT_S = 60.0
 #: How soon after the restart the API must call the job lost (the worker notices at its next batch).
@@ -45,15 +47,12 @@ def lost_answer(client, job_id: str):
 
 
 def test_redis_restarted_empty_mid_job_the_worker_goes_on_and_the_api_says_lost(
-    oal_env, private_redis, monkeypatch, tmp_path, tmp_path_factory
+    private_queue, tmp_path, tmp_path_factory
 ):
-    monkeypatch.setenv("OAL_REDIS_URL", private_redis.url)
-    settings = reset_settings()
-    connection = Redis.from_url(private_redis.url)
+    settings, connection, private_redis = private_queue.settings, private_queue.connection, private_queue.redis
     worker_log = tmp_path / "worker.log"
 
-    options = ("--heartbeat", str(HEARTBEAT_S), "--maintenance", str(MAINTENANCE_S))
-    with worker_process(*options, log_path=worker_log) as worker:
+    with worker_process(*FAST_WORKER_OPTIONS, log_path=worker_log) as worker:
         service = prepare_tiny_service(settings, tmp_path_factory.getbasetemp() / "tiny-random-cache")
         with LiveServer(create_app(settings)) as server, server.client(timeout=5.0) as client:
             submitted = client.post("/v1/jobs", json=long_spec(service.set_id))
@@ -75,8 +74,8 @@ def test_redis_restarted_empty_mid_job_the_worker_goes_on_and_the_api_says_lost(
             # The worker noticed, stopped the job and is back in the registry, idle.
             wait_until(lambda: "lost" in worker_log.read_text(), timeout=LOST_WITHIN_S, what="the worker's log line")
             wait_until(
-                lambda: [w for w in Worker.all(connection=connection) if w.get_state() == WorkerStatus.IDLE],
-                timeout=MAINTENANCE_S * 3 + 5,
+                lambda: idle_workers(connection),
+                timeout=FAST_MAINTENANCE_S * 3 + 5,
                 what="the worker to register again and be idle",
             )
             # Nothing the worker did afterwards brought back a half record: still lost, still fast.

@@ -35,7 +35,7 @@ from collections.abc import Sequence
 
 import redis.exceptions
 from redis import Redis
-from rq import SimpleWorker
+from rq import SimpleWorker, worker_registration
 from rq.job import Job
 from rq.queue import Queue
 from rq.serializers import JSONSerializer
@@ -159,15 +159,35 @@ class SynthesisWorker(SimpleWorker):
     # -- Redis restarted empty ----------------------------------------------------------------
 
     def heartbeat(self, timeout: int | None = None, pipeline=None) -> None:
-        if pipeline is None and not self.connection.hexists(self.key, "birth"):
-            self.log.warning(
-                "Worker %s: Redis no longer knows this worker (restarted empty or flushed?); registering again",
-                self.name,
-            )
-            self.connection.delete(self.key)  # fragments; register_birth refuses a live-looking record
-            self.register_birth()
-            self.set_state(self.get_state())
+        if pipeline is None:
+            self._register_again_if_forgotten()
         super().heartbeat(timeout, pipeline)
+
+    def _register_again_if_forgotten(self) -> None:
+        """Register again when Redis lost this worker's record, or dropped it from the worker list.
+
+        The first happens when Redis restarts empty or is flushed; the second when the worker
+        stalled past its TTL (another worker's maintenance then drops it). Either way dashboards
+        and /readyz would no longer see a worker that is in fact working.
+        """
+        with self.connection.pipeline() as check:
+            check.hexists(self.key, "birth")
+            check.sismember(worker_registration.REDIS_WORKER_KEYS, self.key)
+            has_record, listed = check.execute()
+        if has_record and listed:
+            return
+        self.log.warning(
+            "Worker %s: Redis no longer %s this worker (restarted empty, flushed, or a stall past its TTL); "
+            "registering again",
+            self.name,
+            "lists" if has_record else "knows",
+        )
+        if has_record:
+            worker_registration.register(self)
+            return
+        self.connection.delete(self.key)  # fragments; register_birth refuses a live-looking record
+        self.register_birth()
+        self.set_state(self.get_state())
 
     def _is_lost(self, job: Job) -> bool:
         try:
