@@ -5,6 +5,7 @@ written), so nothing here builds an image: these tests read the files and run wh
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -659,16 +660,23 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_api_healthcheck_follows_the_api_port(oal_env, monkeypatch: pytest.MonkeyPatch, capsys):
-    healthcheck = load_healthcheck_module()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Healthz)
+@contextlib.contextmanager
+def serving(handler: type[BaseHTTPRequestHandler]):
+    """A real HTTP server on a free local port, for the duration of the block; yields the port."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
-        monkeypatch.setenv("OAL_API_PORT", str(server.server_address[1]))
-        assert healthcheck.main(["api"]) == 0
+        yield server.server_address[1]
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_api_healthcheck_follows_the_api_port(oal_env, monkeypatch: pytest.MonkeyPatch, capsys):
+    healthcheck = load_healthcheck_module()
+    with serving(_Healthz) as port:
+        monkeypatch.setenv("OAL_API_PORT", str(port))
+        assert healthcheck.main(["api"]) == 0
     monkeypatch.setenv("OAL_API_PORT", str(_free_port()))
     assert healthcheck.main(["api"]) == 1
     assert "did not answer" in capsys.readouterr().out
@@ -677,14 +685,9 @@ def test_api_healthcheck_follows_the_api_port(oal_env, monkeypatch: pytest.Monke
 
 def test_dashboard_healthcheck_fetches_the_dashboard_page(monkeypatch: pytest.MonkeyPatch, capsys):
     healthcheck = load_healthcheck_module()
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _DashboardRoot)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("RQ_DASHBOARD_PORT", str(server.server_address[1]))
+    with serving(_DashboardRoot) as port:
+        monkeypatch.setenv("RQ_DASHBOARD_PORT", str(port))
         assert healthcheck.main(["dashboard"]) == 0
-    finally:
-        server.shutdown()
-        server.server_close()
     monkeypatch.setenv("RQ_DASHBOARD_PORT", str(_free_port()))
     assert healthcheck.main(["dashboard"]) == 1
     assert "did not answer" in capsys.readouterr().out
