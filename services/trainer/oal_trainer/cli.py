@@ -133,6 +133,14 @@ def fit(
 def eval_run(
     run_dir: Annotated[Path, typer.Argument(help="A finished run dir (config.json + model.safetensors).")],
     eval_subset: Annotated[int | None, typer.Option(help="Images per set; default: the run's own.")] = None,
+    scorer: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--scorer",
+            help="OOD score to evaluate besides the run's eval_scorers, repeatable (energy, msp, max_logit; "
+            "with the detectors extra: vim, knn, mahalanobis, react, ash, dice, odin).",
+        ),
+    ] = None,
 ) -> None:
     """Load a run's model and config and re-run its evaluation (overwrites metrics.json and friends)."""
     from oal_shared.data.benchmark import load_benchmark
@@ -141,6 +149,7 @@ def eval_run(
     from oal_trainer.evaluate import metrics_table
     from oal_trainer.fit import evaluate_run
     from oal_trainer.recipes import load_config
+    from oal_trainer.scorers import DEFAULT_SCORER
     from oal_trainer.teacher import load_run_model
 
     config_path = run_dir / CONFIG_FILE
@@ -149,10 +158,17 @@ def eval_run(
     config = load_config(config_path)
     if eval_subset is not None:
         config = config.model_copy(update={"eval_subset": eval_subset})
+    if scorer:
+        from oal_trainer.scorers import get_scorer
+
+        for name in scorer:
+            get_scorer(name)  # an unknown or uninstalled scorer fails before the model loads
+        config = config.model_copy(update={"eval_scorers": tuple(dict.fromkeys([*config.eval_scorers, *scorer]))})
     benchmark = load_benchmark(config.benchmark)
     loaded = load_run_model(run_dir, "run dir", benchmark.num_classes, benchmark.in_channels)
     metrics, _ = evaluate_run(loaded.model, benchmark, config, resolve_device(config.device), run_dir)
-    out_console.print(metrics_table(metrics))
+    shown = DEFAULT_SCORER if DEFAULT_SCORER in config.eval_scorers else config.eval_scorers[0]
+    out_console.print(metrics_table(metrics, shown))
 
 
 @app.command()

@@ -6,6 +6,10 @@ turns those into the metrics dict; `write_eval_outputs` writes it with the per-i
 OpenOOD-style results table and two figures; `metrics_table` renders it for a terminal.
 
 "near" and "far" in the metrics are unweighted means over the OOD sets of that kind, as in OpenOOD.
+
+Scorers that are fitted (ViM, KNN, ... from oal_trainer.detectors) are bound to the model first,
+fitted on its features of the ID training images handed in as `id_train` (oal_trainer.id_features
+caches them in the run dir); ODIN-like scorers get each batch's inputs with autograd on.
 """
 
 from __future__ import annotations
@@ -36,10 +40,20 @@ from oal_trainer.metrics import (
     ood_metrics,
 )
 from oal_trainer.plots import plot_roc_curves, plot_score_histograms
-from oal_trainer.scorers import DEFAULT_SCORER, get_scorer
+from oal_trainer.scorers import (
+    DEFAULT_SCORER,
+    IDFeatures,
+    InputScorer,
+    Scorer,
+    ScorerContext,
+    bind_scorer,
+    get_scorer,
+    needs_fit,
+)
 
 if TYPE_CHECKING:
     from oal_shared.data.benchmark import Benchmark, ImageSet
+    from oal_trainer.data import IDTrainSet
 
 logger = logging.getLogger(__name__)
 
@@ -154,11 +168,10 @@ def _to_model_input(images: np.ndarray, mean: torch.Tensor, std: torch.Tensor) -
     return (x - mean) / std
 
 
-@torch.inference_mode()
 def _score_set(
     model: nn.Module,
     image_set: ImageSet,
-    scorer_names: Sequence[str],
+    scorers: dict[str, Scorer | InputScorer],
     *,
     batch_size: int,
     device: torch.device,
@@ -166,11 +179,11 @@ def _score_set(
     std: torch.Tensor,
     num_classes: int,
 ) -> SetScores:
-    scorers = [get_scorer(name) for name in scorer_names]
-    preds, scores = [], {name: [] for name in scorer_names}
+    preds, scores = [], {name: [] for name in scorers}
     for start in range(0, len(image_set), batch_size):
         x = _to_model_input(image_set.images[start : start + batch_size], mean, std).to(device)
-        output = model(x, return_feature=True)
+        with torch.inference_mode():
+            output = model(x, return_feature=True)
         if not (isinstance(output, tuple) and len(output) == 2):
             raise EvaluationError("model(x, return_feature=True) must return (logits, features)")
         logits, features = output  # (B, K), (B, D)
@@ -181,13 +194,15 @@ def _score_set(
             )
         logits = logits.float()
         preds.append(logits.argmax(dim=1).cpu())
-        for scorer in scorers:
-            value = scorer(logits, features)
+        for name, scorer in scorers.items():
+            if isinstance(scorer, InputScorer):
+                value = scorer.score_inputs(x)  # outside inference mode: it may need input gradients
+            else:
+                with torch.inference_mode():
+                    value = scorer(logits, features)
             if value.shape != (x.shape[0],):
-                raise EvaluationError(
-                    f"scorer {scorer.name!r} returned shape {tuple(value.shape)}, expected ({x.shape[0]},)"
-                )
-            scores[scorer.name].append(value.double().cpu())
+                raise EvaluationError(f"scorer {name!r} returned shape {tuple(value.shape)}, expected ({x.shape[0]},)")
+            scores[name].append(value.detach().double().cpu())
     return SetScores(
         name=image_set.name,
         kind=image_set.kind,
@@ -195,6 +210,28 @@ def _score_set(
         preds=torch.cat(preds).numpy().astype(np.int64),
         scores={name: torch.cat(chunks).numpy() for name, chunks in scores.items()},
     )
+
+
+def _fit_features(
+    model: nn.Module, id_train: IDTrainSet | None, batch_size: int, device: torch.device, cache: Path | None
+):
+    """A loader of the model's ID training features, run (or read from `cache`) on first call only."""
+    if id_train is None:
+        return None
+    from oal_trainer.id_features import id_train_features
+
+    computed: list[IDFeatures] = []
+
+    def load() -> IDFeatures:
+        if not computed:
+            computed.append(
+                id_train_features(
+                    model, id_train.images, id_train.labels, batch_size=batch_size, device=device, cache_path=cache
+                )
+            )
+        return computed[0]
+
+    return load
 
 
 def evaluate_model(
@@ -205,17 +242,24 @@ def evaluate_model(
     batch_size: int = 512,
     device: str | torch.device = "cpu",
     normalize: tuple[Sequence[float], Sequence[float]] | None = None,
+    id_train: IDTrainSet | None = None,
+    features_cache: Path | None = None,
 ) -> EvalResult:
     """Score the ID test set and every OOD set of `benchmark` with each named scorer.
 
     `normalize` = (mean, std) per channel in [0, 1] units; None uses the benchmark's own. The model
-    is moved to `device`, run in eval mode, and put back into the mode it was in.
+    is moved to `device`, run in eval mode, and put back into the mode it was in. Scorers that are
+    fitted (`needs_fit`) fit on the model's features of `id_train` (the run's ID training images,
+    standardised), read from / written to `features_cache` when given.
     """
     scorer_names = tuple(scorers)
     if not scorer_names:
         raise ConfigError("scorers must name at least one scorer")
     for name in scorer_names:
         get_scorer(name)  # unknown names fail here, before any compute
+    if needs_fit(scorer_names) and id_train is None:
+        fitted = [name for name in scorer_names if getattr(get_scorer(name), "needs_fit", False)]
+        raise ConfigError(f"scorers {fitted} are fitted on the ID training set: pass id_train")
     if batch_size < 1:
         raise ConfigError(f"batch_size must be >= 1, got {batch_size}")
     channels = 1 if benchmark.id_test.images.ndim == 3 else 3
@@ -225,13 +269,20 @@ def evaluate_model(
     was_training = model.training
     model.to(target).eval()
     try:
+        context = ScorerContext(
+            model=model,
+            device=target,
+            input_std=tuple(float(v) for v in std.flatten().expand(channels)),
+            id_train=_fit_features(model, id_train, batch_size, target, features_cache),
+        )
+        scorers = {name: bind_scorer(name, context) for name in scorer_names}
         results = []
         for image_set in (benchmark.id_test, *benchmark.near, *benchmark.far):
             results.append(
                 _score_set(
                     model,
                     image_set,
-                    scorer_names,
+                    scorers,
                     batch_size=batch_size,
                     device=target,
                     mean=mean,
@@ -277,16 +328,12 @@ def _write_results_csv(path: Path, result: EvalResult, metrics: dict[str, Any]) 
         for scorer in result.scorer_names:
             for dataset, values in metrics["scores"][scorer].items():
                 row_name = OPENOOD_GROUP_ROWS.get(dataset, dataset)
-                percent = [
-                    f"{100 * values[key]:.2f}" for key in (FPR95_OOD_POSITIVE, AUROC, AUPR_IN, AUPR_OUT)
-                ]
+                percent = [f"{100 * values[key]:.2f}" for key in (FPR95_OOD_POSITIVE, AUROC, AUPR_IN, AUPR_OUT)]
                 writer.writerow([row_name, *percent, accuracy_pct, scorer])
     return path
 
 
-def write_eval_outputs(
-    run_dir: Path, result: EvalResult, *, plot_scorer: str | None = None
-) -> dict[str, Path]:
+def write_eval_outputs(run_dir: Path, result: EvalResult, *, plot_scorer: str | None = None) -> dict[str, Path]:
     """Write metrics.json, scores.csv, results.csv, roc.png and score_hist.png into `run_dir`.
 
     scores.csv: one row per image, columns `dataset, kind, label, pred, score_<scorer>...`.

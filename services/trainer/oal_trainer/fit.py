@@ -26,7 +26,7 @@ from torch import nn
 
 from oal_shared.settings import Settings, get_settings
 from oal_trainer.checkpoint import CONFIG_FILE, MODEL_FILE, TrainingState, save_weights
-from oal_trainer.data import slice_benchmark
+from oal_trainer.data import id_train_set, slice_benchmark
 from oal_trainer.distributed import DistContext, barrier, check_replicas_agree, mean_across_ranks, shutdown
 from oal_trainer.models import count_parameters
 from oal_trainer.objective import StepLosses
@@ -242,12 +242,26 @@ def _finish(run: Run, train_seconds: float) -> FitResult:
 def evaluate_run(
     model: nn.Module, benchmark, config: TrainConfig, device: torch.device, run_dir: Path
 ) -> tuple[dict[str, Any], dict[str, Path]]:
-    """Stage E on the (sliced) benchmark with the run's scorers; writes metrics.json and friends."""
+    """Stage E on the (sliced) benchmark with the run's scorers; writes metrics.json and friends.
+
+    Fitted scorers (ViM, KNN, ...) fit on the run's own ID training images, never the test sets;
+    their features are cached in the run dir (oal_trainer.id_features)."""
     from oal_trainer.evaluate import evaluate_model, write_eval_outputs
+    from oal_trainer.id_features import ID_FEATURES_FILE
+    from oal_trainer.scorers import needs_fit
 
     eval_benchmark = slice_benchmark(benchmark, config.eval_subset, config.seed)
+    fit_set = None
+    if needs_fit(config.eval_scorers):
+        fit_set = id_train_set(benchmark, config.train_subset, config.effective_data_seed)
     result = evaluate_model(
-        model, eval_benchmark, scorers=config.eval_scorers, batch_size=config.eval_batch_size, device=device
+        model,
+        eval_benchmark,
+        scorers=config.eval_scorers,
+        batch_size=config.eval_batch_size,
+        device=device,
+        id_train=fit_set,
+        features_cache=Path(run_dir) / ID_FEATURES_FILE,
     )
     files = write_eval_outputs(run_dir, result)
     metrics = result.metrics()
