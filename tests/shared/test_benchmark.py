@@ -213,8 +213,12 @@ def test_builders_import_the_types_not_the_registry():
         tree = ast.parse(Path(importlib.util.find_spec(module).origin).read_text())
         return {node.module for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
 
-    assert not {name for name in imported("oal_shared.data.types") if name.startswith("oal_shared.data")}
-    for builder in ("oal_shared.data.cifar", "oal_shared.data.fmnist_osr"):
+    # types imports only the leaf image_files (ImageFiles), which imports nothing of the package.
+    assert {name for name in imported("oal_shared.data.types") if name.startswith("oal_shared.data")} == {
+        "oal_shared.data.image_files"
+    }
+    assert not {name for name in imported("oal_shared.data.image_files") if name.startswith("oal_shared.data")}
+    for builder in ("oal_shared.data.cifar", "oal_shared.data.fmnist_osr", "oal_shared.data.folder"):
         assert "oal_shared.data.types" in imported(builder)
         assert "oal_shared.data.benchmark" not in imported(builder), f"{builder} imports the registry"
     from oal_shared.data.benchmark import Benchmark as ViaRegistry

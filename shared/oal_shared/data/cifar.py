@@ -16,8 +16,8 @@ from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, UnidentifiedImageError
 
+from oal_shared.data.image_files import read_image
 from oal_shared.data.types import OOD_LABEL, Benchmark, ImageSet, channel_stats
 from oal_shared.errors import ConfigError, DataFormatError, DataNotFoundError
 from oal_shared.paths import safe_join
@@ -149,17 +149,4 @@ def load_image_list(path: Path, images_root: Path, name: str, kind: str, num_cla
 
 def read_image_32(path: Path) -> np.ndarray:
     """One image as uint8 (32, 32, 3): RGB, shorter side resized to 32 (bilinear), centre-cropped."""
-    try:
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except (UnidentifiedImageError, OSError) as exc:
-        raise DataFormatError(f"image {path} cannot be decoded: {exc}") from exc
-    width, height = image.size
-    if (width, height) != (CIFAR_IMAGE_SIZE, CIFAR_IMAGE_SIZE):
-        scale = CIFAR_IMAGE_SIZE / min(width, height)
-        new_size = (max(CIFAR_IMAGE_SIZE, round(width * scale)), max(CIFAR_IMAGE_SIZE, round(height * scale)))
-        image = image.resize(new_size, resample=Image.Resampling.BILINEAR)
-        left = (new_size[0] - CIFAR_IMAGE_SIZE) // 2
-        top = (new_size[1] - CIFAR_IMAGE_SIZE) // 2
-        image = image.crop((left, top, left + CIFAR_IMAGE_SIZE, top + CIFAR_IMAGE_SIZE))
-    return np.asarray(image, dtype=np.uint8)
+    return read_image(path, CIFAR_IMAGE_SIZE, 3)

@@ -11,9 +11,10 @@ from typing import Literal
 
 import numpy as np
 
+from oal_shared.data.image_files import ImageFiles
 from oal_shared.errors import ConfigError
 
-__all__ = ["OOD_LABEL", "SET_KINDS", "Benchmark", "ImageSet", "channel_stats", "is_ood"]
+__all__ = ["OOD_LABEL", "SET_KINDS", "STATS_MAX_IMAGES", "Benchmark", "ImageSet", "channel_stats", "is_ood"]
 
 OOD_LABEL = -1  # label of every OOD image; ID labels are class indices 0..C-1
 SET_KINDS = ("id", "near", "far")
@@ -26,12 +27,17 @@ def is_ood(labels: np.ndarray | int) -> np.ndarray:
 
 @dataclass(frozen=True, eq=False)  # eq=False: arrays have no single truth value, compare sets by identity
 class ImageSet:
-    """Images uint8 (N, H, W) grey or (N, H, W, 3) RGB; labels int64 (N,), class index or OOD_LABEL."""
+    """Images uint8 (N, H, W) grey or (N, H, W, 3) RGB; labels int64 (N,), class index or OOD_LABEL.
+
+    `images` is an array in memory, or `ImageFiles` that decode when sliced (folder benchmarks).
+    `skipped_files` names the files left out because they could not be read (on_bad_image = "skip").
+    """
 
     name: str
     kind: Literal["id", "near", "far"]
-    images: np.ndarray
+    images: np.ndarray | ImageFiles
     labels: np.ndarray
+    skipped_files: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.kind not in SET_KINDS:
@@ -55,6 +61,11 @@ class ImageSet:
 
     def __len__(self) -> int:
         return int(self.images.shape[0])
+
+    @property
+    def on_disk(self) -> bool:
+        """True when the images are decoded from files on access rather than held."""
+        return isinstance(self.images, ImageFiles)
 
 
 @dataclass(frozen=True, eq=False)
@@ -116,19 +127,40 @@ class Benchmark:
         return self.near + self.far
 
 
-def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
+STATS_MAX_IMAGES = 10_000  # images on disk: mean/std from at most this many, evenly spaced
+STATS_CHUNK = 1_000  # images decoded per step while summing
+
+
+def channel_stats(images: np.ndarray | ImageFiles) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and std of uint8 images in [0, 1] units.
 
     Sums of x and x^2 are exact in unsigned integers (uint8^2 fits uint16), so this needs no
-    float copy of the whole set: std = sqrt(E[x^2] - E[x]^2).
+    float copy of the whole set: std = sqrt(E[x^2] - E[x]^2). Images on disk are read in chunks,
+    at most STATS_MAX_IMAGES of them, evenly spaced over the set (exact below that many).
     """
-    channels = images[..., None] if images.ndim == 3 else images  # (N, H, W, C)
+    total = int(images.shape[0])
+    if isinstance(images, ImageFiles) and total > STATS_MAX_IMAGES:
+        rows = np.linspace(0, total - 1, STATS_MAX_IMAGES).round().astype(np.int64)
+    else:
+        rows = np.arange(total)
+    num_channels = 1 if images.ndim == 3 else images.shape[-1]
+    sums = np.zeros(num_channels, dtype=np.uint64)
+    squares = np.zeros(num_channels, dtype=np.uint64)
+    for start in range(0, rows.size, STATS_CHUNK):
+        if isinstance(images, ImageFiles):
+            chunk = images[rows[start : start + STATS_CHUNK]]
+        else:  # arrays: contiguous slices, no fancy-index copy of the whole set
+            chunk = images[start : start + STATS_CHUNK]
+        channels = chunk[..., None] if chunk.ndim == 3 else chunk  # (n, H, W, C)
+        for channel in range(num_channels):
+            values = channels[..., channel]
+            sums[channel] += values.sum(dtype=np.uint64)
+            squares[channel] += np.square(values, dtype=np.uint16).sum(dtype=np.uint64)
+    count = rows.size * int(np.prod(images.shape[1:3]))
     means, stds = [], []
-    for channel in range(channels.shape[-1]):
-        values = channels[..., channel]
-        count = values.size
-        mean = int(values.sum(dtype=np.uint64)) / count
-        mean_square = int(np.square(values, dtype=np.uint16).sum(dtype=np.uint64)) / count
+    for channel in range(num_channels):
+        mean = int(sums[channel]) / count
+        mean_square = int(squares[channel]) / count
         means.append(mean / 255.0)
         stds.append(float(np.sqrt(max(mean_square - mean**2, 0.0))) / 255.0)
     return tuple(means), tuple(stds)
