@@ -59,6 +59,7 @@ class FitHooks:
     on_start: Callable[[int, int], None] | None = None  # (start_step, total_steps)
     on_step: Callable[[StepInfo], None] | None = None
     on_epoch_end: Callable[[int, dict[str, float]], None] | None = None  # (epochs done, mean losses)
+    on_finish: Callable[[FitResult], None] | None = None  # after the final weights and evaluation
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,10 @@ def fit(
     hooks = hooks or FitHooks()
     started = time.perf_counter()
     run = build_run(config, Path(run_dir), settings or get_settings())
+    if config.tensorboard and run.ctx.is_main:
+        from oal_trainer.tensorboard_log import tensorboard_hooks
+
+        hooks = tensorboard_hooks(run.run_dir, hooks)
     _start(run, hooks)
     log = IntervalLog(run)
     step = run.state.step
@@ -95,6 +100,8 @@ def fit(
     train_seconds = time.perf_counter() - started
     check_replicas_agree(run.modules, run.ctx)
     result = _finish(run, train_seconds) if run.ctx.is_main else FitResult(run.run_dir, run.state.epoch, step, None)
+    if run.ctx.is_main and hooks.on_finish:
+        hooks.on_finish(result)
     barrier(run.ctx)
     shutdown(run.ctx)
     return result

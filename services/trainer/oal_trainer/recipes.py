@@ -35,6 +35,7 @@ RUNTIME_FIELDS = frozenset(
         "eval_subset",
         "eval_scorers",
         "eval_batch_size",
+        "tensorboard",
     }
 )
 
@@ -138,6 +139,7 @@ class TrainConfig(BaseModel):
     evaluate: bool = Field(True, description="Evaluate into the run dir after training (Stage E).")
     eval_scorers: tuple[str, ...] = Field(("energy", "msp", "max_logit"), min_length=1, description="OOD scores.")
     eval_batch_size: int = Field(512, ge=1, description="Images per evaluation forward pass.")
+    tensorboard: bool = Field(True, description="Also write TensorBoard event files into the run dir, if installed.")
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
