@@ -125,6 +125,23 @@ class TrainConfig(BaseModel):
         "cache", description="cache: teacher outputs on un-augmented images, computed once; live: every step."
     )
     init_from: str | None = Field(None, description="Run dir of a finished `ce` run whose weights start the student.")
+    # Your own model (docs/TRAINER.md): torchvision / timm weights from a local file, never downloaded.
+    model_stem: Literal["auto", "imagenet", "cifar"] = Field(
+        "auto", description="torchvision models: cifar = stride-1 first conv, no max-pool; auto: cifar below 64 px."
+    )
+    init_weights: str | None = Field(
+        None, description="Weights file (.safetensors state dict) that starts the student; another head is re-made."
+    )
+    teacher_weights: str | None = Field(
+        None, description="Weights file of a trained teacher, instead of teacher_run; needs teacher_model."
+    )
+    teacher_model: str | None = Field(None, description="Architecture of teacher_weights (a model name).")
+    teacher_stem: Literal["auto", "imagenet", "cifar"] = Field(
+        "auto", description="model_stem of teacher_weights: the stem it was trained with."
+    )
+    allow_pickle_weights: bool = Field(
+        False, description="Read .pth/.pt/.bin weights (pickles can run code) with torch.load(weights_only=True)."
+    )
 
     # Execution
     cache_dir: str | None = Field(
@@ -144,8 +161,9 @@ class TrainConfig(BaseModel):
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         problems = []
-        if (self.w_logit_kd > 0 or self.w_feature_kd > 0) and not self.teacher_run:
-            problems.append("teacher_run: required when w_logit_kd or w_feature_kd > 0")
+        if (self.w_logit_kd > 0 or self.w_feature_kd > 0) and not (self.teacher_run or self.teacher_weights):
+            problems.append("teacher_run: required when w_logit_kd or w_feature_kd > 0 (or teacher_weights)")
+        problems += self._weights_problems()
         if self.uses_outliers and not self.shards:
             problems.append("shards: required when w_club_emb, w_club_latent, w_energy or w_oe > 0")
         if self.outlier_space == "pixel" and not self.generator_dir:
@@ -159,6 +177,18 @@ class TrainConfig(BaseModel):
         if problems:
             raise ValueError("; ".join(problems))
         return self
+
+    def _weights_problems(self) -> list[str]:
+        problems = []
+        if self.init_from and self.init_weights:
+            problems.append("init_weights: give init_from (a run dir) or init_weights (a file), not both")
+        if self.teacher_run and self.teacher_weights:
+            problems.append("teacher_weights: give teacher_run (a run dir) or teacher_weights (a file), not both")
+        if self.teacher_weights and not self.teacher_model:
+            problems.append("teacher_model: required with teacher_weights (the architecture the file is for)")
+        if self.teacher_model and not self.teacher_weights:
+            problems.append("teacher_model: only with teacher_weights (a teacher_run names its own model)")
+        return problems
 
     @property
     def uses_teacher(self) -> bool:

@@ -47,10 +47,10 @@ from oal_trainer.data import (
     steps_per_epoch,
 )
 from oal_trainer.distributed import DistContext, barrier, init_distributed, wrap_model
-from oal_trainer.models import build_model
 from oal_trainer.objective import OALObjective, StepBatch, TrainModules
 from oal_trainer.recipes import TrainConfig
-from oal_trainer.teacher import LoadedRun, TeacherOutputs, cached_teacher_outputs, load_run_model, load_teacher
+from oal_trainer.run_models import build_student, teacher_model
+from oal_trainer.teacher import LoadedRun, TeacherOutputs, cached_teacher_outputs
 
 if TYPE_CHECKING:  # decode pulls in diffusers; only pixel-space runs import it
     from oal_trainer.decode import DecodedOutliers, PixelDecoder
@@ -231,7 +231,7 @@ def build_run(config: TrainConfig, run_dir: Path, settings: Settings) -> Run:
         )
 
     # Models: the student first (initialised under the seed), then what feeds and helps it
-    student, init_run = _build_student(config, benchmark, ctx)
+    student, init_run = build_student(config, benchmark, ctx.device)
     cache_dir = Path(config.cache_dir or Path(settings.artifact_dir) / "trainer-cache")
     teacher = _load_teacher(config, benchmark, train, ctx, cache_dir) if config.uses_teacher else None
     outliers = open_outliers(config, steps_per_ep, ctx) if config.uses_outliers else None
@@ -278,27 +278,10 @@ def build_run(config: TrainConfig, run_dir: Path, settings: Settings) -> Run:
     return run
 
 
-def _build_student(config: TrainConfig, benchmark: Benchmark, ctx: DistContext) -> tuple[nn.Module, LoadedRun | None]:
-    student = build_model(config.model, benchmark.num_classes, benchmark.in_channels)
-    init_run = None
-    if config.init_from:
-        init_run = load_run_model(Path(config.init_from), "init_from", benchmark.num_classes, benchmark.in_channels)
-        if init_run.model_name != config.model:
-            raise ConfigError(
-                f"init_from: {config.init_from} holds a {init_run.model_name!r} model, the config trains "
-                f"{config.model!r}; set model={init_run.model_name} or pick another run"
-            )
-        student.load_state_dict(init_run.model.state_dict())
-    student = student.to(ctx.device)
-    if config.channels_last:
-        student = student.to(memory_format=torch.channels_last)
-    return student, init_run
-
-
 def _load_teacher(
     config: TrainConfig, benchmark: Benchmark, train: IDTrainSet, ctx: DistContext, cache_dir: Path
 ) -> Teacher:
-    loaded = load_teacher(Path(config.teacher_run), benchmark.num_classes, benchmark.in_channels)  # type: ignore[arg-type]
+    loaded = teacher_model(config, benchmark)
     loaded.model.to(ctx.device)
     if config.channels_last:
         loaded.model.to(memory_format=torch.channels_last)

@@ -1,4 +1,5 @@
-"""The frozen teacher: loaded from a finished `ce` run dir, and its outputs cached per training image.
+"""The frozen teacher: loaded from a finished `ce` run dir or a weights file, and its outputs cached per
+training image.
 
 KD needs the teacher's logits z_t and penultimate features h_t for the image the student sees. Two
 ways, chosen by `teacher_mode`:
@@ -31,7 +32,8 @@ from oal_trainer.checkpoint import (
     save_safetensors,
     sha256_file,
 )
-from oal_trainer.models import build_model
+from oal_trainer.models import build_model, is_library_model
+from oal_trainer.weights import load_weights_file
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +42,24 @@ CACHE_SCHEMA_VERSION = "1"
 
 @dataclass(frozen=True, eq=False)
 class LoadedRun:
-    """A finished run's model in eval mode, with what identifies it."""
+    """A finished run's model (or one from a weights file) in eval mode, with what identifies it."""
 
-    run_dir: Path
+    run_dir: Path  # the run dir, or the weights file the model was read from
     model: nn.Module
     model_name: str
     recipe: str
     weights_sha256: str
+    stem: str = "auto"  # model_stem it was built with (library models; docs/TRAINER.md, Your own model)
 
 
-def load_run_model(run_dir: Path, field: str, num_classes: int, in_channels: int) -> LoadedRun:
-    """The model of a finished run dir (config.json + model.safetensors); errors name `field` and the path."""
+def load_run_model(
+    run_dir: Path, field: str, num_classes: int, in_channels: int, image_size: int | None = None
+) -> LoadedRun:
+    """The model of a finished run dir (config.json + model.safetensors); errors name `field` and the path.
+
+    torchvision and timm models depend on the image size (stem, ViT patches); without `image_size` it
+    is the size of the benchmark the run's config names.
+    """
     run_dir = Path(run_dir)
     config_path, weights_path = run_dir / CONFIG_FILE, run_dir / MODEL_FILE
     if not run_dir.is_dir():
@@ -65,22 +74,48 @@ def load_run_model(run_dir: Path, field: str, num_classes: int, in_channels: int
     model_name = config.get("model")
     if not isinstance(model_name, str):
         raise ConfigError(f"{field}: {config_path} names no model")
-    model = build_model(model_name, num_classes, in_channels)
+    stem = str(config.get("model_stem", "auto"))
+    if image_size is None and is_library_model(model_name):
+        from oal_shared.data.benchmark import load_benchmark  # loaded once per process; only these models need it
+
+        image_size = load_benchmark(str(config.get("benchmark"))).image_size
+    model = build_model(model_name, num_classes, in_channels, image_size, stem)
     try:
         load_weights(model, weights_path)
     except CheckpointError as exc:
         raise ConfigError(f"{field}: {exc}") from exc
     model.eval()
-    return LoadedRun(run_dir, model, model_name, str(config.get("recipe", "")), sha256_file(weights_path))
+    return LoadedRun(run_dir, model, model_name, str(config.get("recipe", "")), sha256_file(weights_path), stem=stem)
 
 
-def load_teacher(run_dir: Path, num_classes: int, in_channels: int) -> LoadedRun:
-    teacher = load_run_model(run_dir, "teacher_run", num_classes, in_channels)
+def load_weights_model(
+    path: Path,
+    field: str,
+    model_name: str,
+    *,
+    num_classes: int,
+    in_channels: int,
+    image_size: int,
+    stem: str = "auto",
+    allow_pickle: bool = False,
+) -> LoadedRun:
+    """A `model_name` model with every tensor from a weights file, the head included (oal_trainer.weights)."""
+    model = build_model(model_name, num_classes, in_channels, image_size, stem)
+    fit = load_weights_file(model, path, field, allow_pickle=allow_pickle, reinit_head=False)
+    model.eval()
+    return LoadedRun(Path(path), model, model_name, "", fit.sha256, stem=stem)
+
+
+def frozen_teacher(teacher: LoadedRun) -> LoadedRun:
     for param in teacher.model.parameters():
         param.requires_grad_(False)
     if teacher.recipe and teacher.recipe != "ce":
-        logger.warning("Teacher run %s was trained with recipe %r, not ce", run_dir, teacher.recipe)
+        logger.warning("Teacher run %s was trained with recipe %r, not ce", teacher.run_dir, teacher.recipe)
     return teacher
+
+
+def load_teacher(run_dir: Path, num_classes: int, in_channels: int, image_size: int | None = None) -> LoadedRun:
+    return frozen_teacher(load_run_model(run_dir, "teacher_run", num_classes, in_channels, image_size))
 
 
 @dataclass(frozen=True, eq=False)
@@ -94,7 +129,10 @@ class TeacherOutputs:
 
 def cache_key(teacher: LoadedRun, images: torch.Tensor) -> str:
     digest = hashlib.sha256()
-    digest.update(f"v{CACHE_SCHEMA_VERSION}/{teacher.model_name}/{teacher.weights_sha256}/".encode())
+    # A chosen stem changes the outputs of the same weights; "auto" follows the image size, which the
+    # images' shape below records (and leaves the keys of earlier caches as they were).
+    architecture = teacher.model_name if teacher.stem == "auto" else f"{teacher.model_name}+stem={teacher.stem}"
+    digest.update(f"v{CACHE_SCHEMA_VERSION}/{architecture}/{teacher.weights_sha256}/".encode())
     digest.update(str(tuple(images.shape)).encode())
     digest.update(images.contiguous().numpy().tobytes())
     return digest.hexdigest()

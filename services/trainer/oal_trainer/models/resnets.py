@@ -1,16 +1,10 @@
-"""Classifiers the trainer fits: small ResNets for 28x28 grey images, ResNet-18 for 32x32 and 224x224.
+"""The project's own ResNets: small ones for 28x28 grey images, ResNet-18 for 32x32 and 224x224.
 
-Every model maps images (B, C, H, W) to logits (B, K) and, with `return_feature=True`, also to the
-penultimate features h (B, D) that the KD and MICL losses act on. `head` is the final linear layer,
-kept separate so outlier features that never pass the backbone (latents) can still get logits.
-
-Built bottom-up: block -> stage -> network -> registry (`build_model`).
+Built bottom-up: block -> stage -> network; `RESNET_SPECS` names each variant (models/registry.py).
 """
 
 from __future__ import annotations
 
-import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -18,8 +12,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from oal_shared.errors import ConfigError
-
-logger = logging.getLogger(__name__)
 
 
 class BasicBlock(nn.Module):
@@ -56,6 +48,8 @@ class ResNetSpec:
 
 class ResNet(nn.Module):
     """A ResNet with a chosen stem; stage i > 0 halves the resolution."""
+
+    first_conv_key = "stem.0.weight"  # what a weights file for RGB images is adapted at (oal_trainer.weights)
 
     def __init__(self, spec: ResNetSpec, num_classes: int, in_channels: int):
         super().__init__()
@@ -104,44 +98,6 @@ class ResNet(nn.Module):
         return (logits, h) if return_feature else logits
 
 
-class TimmViT(nn.Module):
-    """A timm Vision Transformer teacher (the paper's ViT-B/16) from local weights only."""
-
-    def __init__(self, model: nn.Module, num_classes: int, in_channels: int):
-        super().__init__()
-        self.backbone = model
-        self.num_classes = num_classes
-        self.in_channels = in_channels
-        self.feature_dim = int(model.num_features)
-        self.head = model.get_classifier()
-
-    def forward(self, x: torch.Tensor, return_feature: bool = False):
-        tokens = self.backbone.forward_features(x)
-        h = self.backbone.forward_head(tokens, pre_logits=True)  # (B, D)
-        logits = self.head(h)  # (B, K)
-        return (logits, h) if return_feature else logits
-
-
-def _build_timm_vit(num_classes: int, in_channels: int) -> nn.Module:
-    try:
-        import timm
-    except ImportError as exc:
-        raise ConfigError(
-            "model vit_b16 needs timm (pip install 'oal-ood[gpu]') and local weights; timm is not installed"
-        ) from exc
-    try:
-        # pretrained=True reads the local Hugging Face cache; offline, a missing file fails here.
-        model = timm.create_model(
-            "vit_base_patch16_224", pretrained=True, num_classes=num_classes, in_chans=in_channels
-        )
-    except Exception as exc:  # timm raises several types for "weights not in the local cache"
-        raise ConfigError(
-            f"model vit_b16: timm could not load local weights for vit_base_patch16_224 ({exc}); "
-            "put them in the Hugging Face cache first"
-        ) from exc
-    return TimmViT(model, num_classes, in_channels)
-
-
 RESNET_SPECS: dict[str, ResNetSpec] = {
     "resnet_tiny": ResNetSpec((8, 16, 32), (1, 1, 1), "stride2", "tests only: seconds per tiny slice"),
     "resnet_small": ResNetSpec((32, 64, 128), (1, 1, 1), "stride2", "the student for 28x28 grey"),
@@ -149,40 +105,3 @@ RESNET_SPECS: dict[str, ResNetSpec] = {
     "resnet18_32": ResNetSpec((64, 128, 256, 512), (2, 2, 2, 2), "cifar", "ResNet-18, CIFAR stem (32x32)"),
     "resnet18_224": ResNetSpec((64, 128, 256, 512), (2, 2, 2, 2), "imagenet", "ResNet-18, ImageNet stem"),
 }
-
-OTHER_MODELS: dict[str, Callable[[int, int], nn.Module]] = {"vit_b16": _build_timm_vit}
-
-MODEL_NAMES: tuple[str, ...] = (*RESNET_SPECS, *OTHER_MODELS)
-
-
-def build_model(name: str, num_classes: int, in_channels: int) -> nn.Module:
-    """The registry: a fresh model by name. Unknown name -> ConfigError listing the known ones."""
-    if num_classes < 2:
-        raise ConfigError(f"num_classes must be >= 2, got {num_classes}")
-    if in_channels not in (1, 3):
-        raise ConfigError(f"in_channels must be 1 or 3, got {in_channels}")
-    if name in RESNET_SPECS:
-        return ResNet(RESNET_SPECS[name], num_classes, in_channels)
-    if name in OTHER_MODELS:
-        return OTHER_MODELS[name](num_classes, in_channels)
-    raise ConfigError(f"model: unknown name {name!r}; known: {', '.join(MODEL_NAMES)}")
-
-
-class OutlierProjector(nn.Module):
-    """P: reduced outlier latent f_ood (B, F) -> a point in the student's feature space (B, D).
-
-    Latent outliers have no pixels, so the student cannot compute their logits; `head(P(f_ood))`
-    gives them logits through the student's own classifier (oal-energy). The ReLU matches the
-    student's features, which leave a ReLU and an average pool and so are never negative.
-    """
-
-    def __init__(self, in_dim: int, feature_dim: int):
-        super().__init__()
-        self.net = nn.Sequential(nn.Linear(in_dim, feature_dim), nn.ReLU())
-
-    def forward(self, f_ood: torch.Tensor) -> torch.Tensor:
-        return self.net(f_ood)  # (B, D)
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
