@@ -57,6 +57,14 @@ class Settings(BaseSettings):
     device: str = Field("auto", description="'auto', 'cpu', 'cuda' or 'cuda:N'.")
     torch_threads: int = Field(0, ge=0, description="Torch intra-op threads; 0 leaves torch's default.")
 
+    # ID images (trainer and the worker's benchmark embedding)
+    id_in_memory_max_mb: int = Field(
+        1024, ge=0, description="ID train sets up to this size as float32 tensors are held; larger ones stream (MB)."
+    )
+    id_stream_workers: int = Field(
+        2, ge=0, description="DataLoader worker processes that decode streamed ID images when num_workers is 0."
+    )
+
     @field_validator("api_token")
     @classmethod
     def _refuse_placeholder_token(cls, value: SecretStr | None) -> SecretStr | None:

@@ -38,7 +38,7 @@ def test_folder_benchmark_matches_torchvision_image_folder(data_dir: Path):
     assert list(bench.id_train.images.paths) == [path for path, _ in reference.samples]
     assert bench.id_train.labels.tolist() == reference.targets
     assert (bench.image_size, bench.in_channels) == (16, 3)
-    assert [s.name for s in bench.ood_sets()] == ["near", "shapes-noise"]
+    assert [s.name for s in bench.ood_sets()] == ["shapes-near", "shapes-noise"]
     assert all(s.on_disk for s in (bench.id_train, bench.id_test, *bench.ood_sets()))
     # Decoded on access, pixel for pixel what the PNG holds.
     first, image = reference.samples[5][0], bench.id_train.images[5]

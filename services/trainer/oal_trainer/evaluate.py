@@ -28,6 +28,8 @@ from rich.table import Table
 from torch import nn
 
 from oal_shared.errors import ConfigError, OALError
+from oal_shared.settings import get_settings
+from oal_trainer.data.streamed import uint8_batches
 from oal_trainer.metrics import (
     AUPR_IN,
     AUPR_OUT,
@@ -180,8 +182,9 @@ def _score_set(
     num_classes: int,
 ) -> SetScores:
     preds, scores = [], {name: [] for name in scorers}
-    for start in range(0, len(image_set), batch_size):
-        x = _to_model_input(image_set.images[start : start + batch_size], mean, std).to(device)
+    # Images on disk are decoded batch by batch in DataLoader workers: memory stays one batch.
+    for batch in uint8_batches(image_set.images, batch_size, num_workers=get_settings().id_stream_workers):
+        x = _to_model_input(batch, mean, std).to(device)
         with torch.inference_mode():
             output = model(x, return_feature=True)
         if not (isinstance(output, tuple) and len(output) == 2):

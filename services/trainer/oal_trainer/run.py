@@ -223,7 +223,13 @@ def build_run(config: TrainConfig, run_dir: Path, settings: Settings) -> Run:
 
     # Data
     benchmark = load_benchmark(config.benchmark, settings)
-    train = id_train_set(benchmark, config.train_subset, config.effective_data_seed)
+    train = id_train_set(
+        benchmark,
+        config.train_subset,
+        config.effective_data_seed,
+        in_memory_max_bytes=settings.id_in_memory_max_mb * 2**20,
+        stream_workers=settings.id_stream_workers,
+    )
     steps_per_ep = steps_per_epoch(len(train), config.batch_size, ctx.world_size)
     if steps_per_ep < 1:
         raise ConfigError(

@@ -32,6 +32,7 @@ from oal_trainer.checkpoint import (
     save_safetensors,
     sha256_file,
 )
+from oal_trainer.data.streamed import StreamedImages, image_batches
 from oal_trainer.models import build_model, is_library_model
 from oal_trainer.weights import load_weights_file
 
@@ -127,24 +128,27 @@ class TeacherOutputs:
     key: str
 
 
-def cache_key(teacher: LoadedRun, images: torch.Tensor) -> str:
+def cache_key(teacher: LoadedRun, images: torch.Tensor | StreamedImages) -> str:
     digest = hashlib.sha256()
     # A chosen stem changes the outputs of the same weights; "auto" follows the image size, which the
     # images' shape below records (and leaves the keys of earlier caches as they were).
     architecture = teacher.model_name if teacher.stem == "auto" else f"{teacher.model_name}+stem={teacher.stem}"
     digest.update(f"v{CACHE_SCHEMA_VERSION}/{architecture}/{teacher.weights_sha256}/".encode())
     digest.update(str(tuple(images.shape)).encode())
-    digest.update(images.contiguous().numpy().tobytes())
+    if isinstance(images, StreamedImages):  # the files, rows and normalisation: nothing decoded to hash
+        digest.update(images.fingerprint().encode())
+    else:
+        digest.update(images.contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 
 @torch.inference_mode()
 def compute_teacher_outputs(
-    model: nn.Module, images: torch.Tensor, batch_size: int, device: torch.device, channels_last: bool
+    model: nn.Module, images: torch.Tensor | StreamedImages, batch_size: int, device: torch.device, channels_last: bool
 ) -> tuple[torch.Tensor, torch.Tensor]:
     logits, features = [], []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start : start + batch_size].to(device)
+    for batch in image_batches(images, batch_size):  # streamed images: decoded by DataLoader workers
+        x = batch.to(device)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         z, h = model(x, return_feature=True)  # (B, K), (B, D_t)
@@ -155,7 +159,7 @@ def compute_teacher_outputs(
 
 def cached_teacher_outputs(
     teacher: LoadedRun,
-    images: torch.Tensor,
+    images: torch.Tensor | StreamedImages,
     cache_dir: Path,
     *,
     batch_size: int,

@@ -45,6 +45,7 @@ __all__ = [
 ]
 
 BENCHMARK_FILE_SUFFIXES = (".toml", ".json")
+RESERVED_SET_NAMES = ("near", "far")  # metric keys of the per-kind means in metrics.json
 
 RelativePath = Annotated[str, Field(min_length=1, max_length=1000)]
 
@@ -72,8 +73,8 @@ class ImageSource(BaseModel):
     def default_name(self) -> str:
         if self.name is not None:
             return self.name
-        if self.folder is not None:
-            return Path(self.folder).name
+        if self.folder is not None:  # the whole relative path: "photos/near" and "other/near" stay apart
+            return "-".join(Path(self.folder).parts)
         return Path(self.list).stem.removeprefix("test_").removeprefix("train_")  # type: ignore[arg-type]
 
 
@@ -110,6 +111,9 @@ class BenchmarkFile(BaseModel):
         doubles = sorted({n for n in names if names.count(n) > 1})
         if doubles:
             raise ValueError(f"OOD set names must be unique; {doubles} appear more than once (set `name`)")
+        reserved = sorted(set(names) & set(RESERVED_SET_NAMES))
+        if reserved:
+            raise ValueError(f"OOD set names {reserved} are reserved for the near/far means (set `name`)")
         return self
 
 

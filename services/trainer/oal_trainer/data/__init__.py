@@ -1,6 +1,7 @@
 """What the fit loop consumes: ID images as normalised tensors, and exactly B outliers per step.
 
-Modules by role: `id_images` (ID tensors, subsets, loaders, augmentation), `outliers` (the batch
+Modules by role: `id_images` (ID tensors, subsets, loaders, augmentation), `streamed` (ID images
+decoded in DataLoader workers when a set is too large to hold), `outliers` (the batch
 type and the base every outlier source shares: it opens the job's manifest first), `stream`
 (`OutlierStream`, shards read through `oal_shared.shards.outlier_pipeline`, resampled and
 shuffled, every rank and DataLoader worker drawing its own seeded stream), `memory`
@@ -31,6 +32,7 @@ from oal_trainer.data.outliers import (
 from oal_trainer.data.reduce import reduce_latents, reduced_latent_dim
 from oal_trainer.data.seeds import derive_seed, seeded_generator
 from oal_trainer.data.stream import OutlierStream, WorkerFailure
+from oal_trainer.data.streamed import StreamedImages, image_batches, uint8_batches
 
 __all__ = [
     "IDTrainSet",
@@ -41,6 +43,7 @@ __all__ = [
     "OutlierStats",
     "OutlierStream",
     "ReaderDelta",
+    "StreamedImages",
     "WorkerFailure",
     "augment_batch",
     "black_pixel",
@@ -48,6 +51,7 @@ __all__ = [
     "derive_seed",
     "id_loader",
     "id_train_set",
+    "image_batches",
     "reduce_latents",
     "reduced_latent_dim",
     "seeded_generator",
@@ -56,4 +60,5 @@ __all__ = [
     "steps_per_epoch",
     "subset_indices",
     "to_model_input",
+    "uint8_batches",
 ]

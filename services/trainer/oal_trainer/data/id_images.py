@@ -1,34 +1,35 @@
 """ID images for the fit loop: normalised tensors, seeded subsets and loaders, batch augmentation.
 
 The benchmark's uint8 images become float tensors (B, C, H, W) standardised with the benchmark's
-mean/std, held in memory (Fashion-MNIST ID train is 36k x 784 floats, 113 MB), served by a
-DataLoader whose order is fixed by (seed, epoch). Augmentation (random crop with padding, flip)
-runs on whole batches with its own (seed, epoch) generator, so an epoch replays exactly on resume.
+mean/std. A set whose float32 tensors fit `in_memory_max_bytes` (`OAL_ID_IN_MEMORY_MAX_MB`; the
+Fashion-MNIST ID train is 36k x 784 floats, 113 MB) is held whole; a larger one is streamed
+(`streamed.StreamedImages`: decoded and standardised in DataLoader worker processes), so memory
+does not grow with the data set. Either way a DataLoader whose order is fixed by (seed, epoch)
+serves the same batches. Augmentation (random crop with padding, flip) runs on whole batches with
+its own (seed, epoch) generator, so an epoch replays exactly on resume.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSampler, TensorDataset
 
+from oal_shared.data.image_files import take_images
 from oal_shared.errors import ConfigError
 from oal_trainer.data.seeds import derive_seed, seeded_generator
+from oal_trainer.data.streamed import StreamedImages, to_model_input
 
 if TYPE_CHECKING:
     from oal_shared.data.benchmark import Benchmark, ImageSet
 
+logger = logging.getLogger(__name__)
 
-def to_model_input(images: np.ndarray, mean: tuple[float, ...], std: tuple[float, ...]) -> torch.Tensor:
-    """uint8 (N, H, W) or (N, H, W, 3) -> float32 (N, C, H, W), scaled to [0, 1] and standardised."""
-    x = torch.from_numpy(images.astype(np.float32)).div_(255.0)  # astype copies: benchmarks are read-only
-    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2).contiguous()  # (N, C, H, W)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1)
-    return (x - mean_t) / std_t
+FLOAT32_BYTES = 4
 
 
 def subset_indices(total: int, limit: int | None, seed: int, name: str) -> np.ndarray:
@@ -41,20 +42,55 @@ def subset_indices(total: int, limit: int | None, seed: int, name: str) -> np.nd
 
 @dataclass(frozen=True, eq=False)
 class IDTrainSet:
-    """The ID training images the run uses; `images[i]` is image `source_index[i]` of the benchmark."""
+    """The ID training images the run uses; `images[i]` is image `source_index[i]` of the benchmark.
 
-    images: torch.Tensor  # (N, C, H, W) float32, standardised
+    `images` is the held (N, C, H, W) float32 tensor, or `StreamedImages` giving the same items
+    decoded on access.
+    """
+
+    images: torch.Tensor | StreamedImages  # (N, C, H, W) float32, standardised
     labels: torch.Tensor  # (N,) int64
     source_index: np.ndarray  # (N,) int64, rows of benchmark.id_train
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
 
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.images, StreamedImages)
 
-def id_train_set(benchmark: Benchmark, subset: int | None, seed: int) -> IDTrainSet:
+
+def id_train_set(
+    benchmark: Benchmark,
+    subset: int | None,
+    seed: int,
+    *,
+    in_memory_max_bytes: int | None = None,
+    stream_workers: int = 0,
+) -> IDTrainSet:
+    """The run's ID training rows, held as tensors when they fit `in_memory_max_bytes` (None: always)."""
     rows = subset_indices(len(benchmark.id_train), subset, seed, benchmark.id_train.name)
-    images = to_model_input(benchmark.id_train.images[rows], benchmark.mean, benchmark.std)
     labels = torch.from_numpy(np.asarray(benchmark.id_train.labels[rows], dtype=np.int64))
+    side = benchmark.image_size
+    tensor_bytes = rows.size * benchmark.in_channels * side * side * FLOAT32_BYTES
+    source = benchmark.id_train.images
+    where = "files on disk" if benchmark.id_train.on_disk else "a uint8 array"
+    if in_memory_max_bytes is None or tensor_bytes <= in_memory_max_bytes:
+        images: torch.Tensor | StreamedImages = to_model_input(source[rows], benchmark.mean, benchmark.std)
+        choice = "held in memory"
+    else:
+        images = StreamedImages(source, rows, benchmark.mean, benchmark.std, workers=stream_workers)
+        choice = f"streamed by DataLoader workers (at least {stream_workers})"
+    limit = "no limit" if in_memory_max_bytes is None else f"limit {in_memory_max_bytes / 2**20:.0f} MB"
+    logger.info(
+        "ID train %s: %d images from %s, %.0f MB as float32 tensors (%s): %s",
+        benchmark.id_train.name,
+        rows.size,
+        where,
+        tensor_bytes / 2**20,
+        limit,
+        choice,
+    )
     return IDTrainSet(images, labels, rows.astype(np.int64))
 
 
@@ -65,7 +101,7 @@ def slice_benchmark(benchmark: Benchmark, per_set: int | None, seed: int) -> Ben
 
     def cut(image_set: ImageSet) -> ImageSet:
         rows = subset_indices(len(image_set), per_set, seed, image_set.name)
-        return replace(image_set, images=image_set.images[rows], labels=image_set.labels[rows])
+        return replace(image_set, images=take_images(image_set.images, rows), labels=image_set.labels[rows])
 
     return replace(
         benchmark,
@@ -89,13 +125,20 @@ def id_loader(
 
     The last incomplete batch is dropped: every step sees exactly B images (BatchNorm and the B
     outliers drawn per step stay paired). Under torchrun each rank reads its own shard of the rows.
+    Streamed images are decoded by `num_workers` processes, or the set's own `workers` when 0;
+    the worker count changes where images are decoded, never which batches come out.
     """
     if len(train) // world_size < batch_size:
         raise ConfigError(
             f"batch_size: {batch_size} is more than the {len(train) // world_size} ID images per rank; "
             "lower batch_size or raise train_subset"
         )
-    dataset = TensorDataset(train.images, train.labels, torch.arange(len(train)))
+    dataset: Dataset
+    if isinstance(train.images, StreamedImages):
+        dataset = _LabelledRows(train.images, train.labels)
+        num_workers = num_workers or train.images.workers
+    else:
+        dataset = TensorDataset(train.images, train.labels, torch.arange(len(train)))
     if world_size > 1:
         sampler = DistributedSampler(
             dataset,
@@ -117,6 +160,19 @@ def id_loader(
         num_workers=num_workers,
         generator=seeded_generator(seed, "loader", epoch, rank),
     )
+
+
+class _LabelledRows(Dataset):
+    """(image, label, row) per row of streamed images, the items TensorDataset gives for held ones."""
+
+    def __init__(self, images: StreamedImages, labels: torch.Tensor):
+        self.images, self.labels = images, labels
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.images[index], self.labels[index], torch.tensor(index)
 
 
 def steps_per_epoch(num_images: int, batch_size: int, world_size: int = 1) -> int:
