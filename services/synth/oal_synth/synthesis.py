@@ -36,9 +36,10 @@ from redis import Redis
 from rq import get_current_job
 from rq.job import Job
 
-from oal_shared.data.benchmark import load_benchmark
+from oal_shared.data.benchmark import Benchmark, load_benchmark
+from oal_shared.data.folder_spec import is_benchmark_file, resolve_benchmark_file
 from oal_shared.embeddings import EmbeddingSet
-from oal_shared.errors import ConfigError
+from oal_shared.errors import ConfigError, OALError
 from oal_shared.paths import safe_join
 from oal_shared.seeds import derive_seed
 from oal_shared.settings import Settings, get_settings
@@ -258,13 +259,21 @@ def job_embeddings(spec: JobSpec, generator: LatentGenerator, settings: Settings
 def embed_benchmark(
     source: EmbeddingsFromBenchmark, seed: int, generator: LatentGenerator, settings: Settings
 ) -> EmbeddingSet:
-    """Embed `per_class` ID train images per class (a subset fixed by the seed) with the generator."""
+    """Embed `per_class` ID train images per class (a subset fixed by the seed) with the generator.
+
+    A benchmark file is taken only from inside the data root; only the chosen images are decoded.
+    """
     info = generator.info
-    key = (info.id, info.content_hash, source.benchmark, source.per_class, seed)
-    if key in _benchmark_embeddings:
-        _benchmark_embeddings.move_to_end(key)
-        return _benchmark_embeddings[key]
-    benchmark = load_benchmark(source.benchmark, settings)
+    try:
+        version = _benchmark_version(source.benchmark, settings)
+        key = (info.id, info.content_hash, source.benchmark, version, source.per_class, seed)
+        if key in _benchmark_embeddings:
+            _benchmark_embeddings.move_to_end(key)
+            return _benchmark_embeddings[key]
+        benchmark = load_benchmark(source.benchmark, settings, confined=True)
+    except OALError as exc:  # missing, malformed, bad images, or out of the data root: the job cannot run
+        raise ConfigError(f"embeddings.benchmark: {exc}") from exc
+    _check_embeddable(benchmark, generator, source.benchmark)
     images, labels = benchmark.id_train.images, benchmark.id_train.labels
     chosen = []
     for cls in range(len(benchmark.class_names)):
@@ -290,6 +299,27 @@ def embed_benchmark(
     while len(_benchmark_embeddings) > EMBEDDING_CACHE_SIZE:
         _benchmark_embeddings.popitem(last=False)
     return es
+
+
+def _benchmark_version(benchmark: str, settings: Settings) -> int | None:
+    """A benchmark file's mtime (an edited file is embedded afresh); None for a built-in benchmark."""
+    if not is_benchmark_file(benchmark):
+        return None
+    return resolve_benchmark_file(benchmark, Path(settings.data_dir), confined=True).stat().st_mtime_ns
+
+
+def _check_embeddable(benchmark: Benchmark, generator: LatentGenerator, name: str) -> None:
+    """A generator with its own image encoder (the embedded one: square grey images) takes only its size."""
+    side = getattr(generator, "image_size", None)
+    if side is None:
+        return
+    if (benchmark.image_size, benchmark.in_channels) != (side, 1):
+        colour = "grey" if benchmark.in_channels == 1 else "RGB"
+        raise ConfigError(
+            f"embeddings.benchmark: {name} has {benchmark.image_size}x{benchmark.image_size} {colour} images, "
+            f"generator {generator.info.id!r} embeds {side}x{side} grey images; set image_size = {side} and "
+            "channels = 1 in the benchmark file"
+        )
 
 
 @dataclass(frozen=True)
