@@ -52,3 +52,32 @@ def smoke_generator_folder(base: Path) -> Path:
         return pretrain_embedded_generator(
             Path(base) / "smoke-ldm" / "fmnist-ldm", Settings(), PretrainConfig.preset("smoke"), progress=False
         )
+
+
+@functools.cache
+def tiny_text_side_folder(base: Path, hidden_size: int, seed: int) -> Path:
+    """An SD-shaped folder holding only `model_index.json`, tokenizer/ and text_encoder/, under `base`.
+
+    The tokenizer is tiny-random's; the text encoder is a fresh seeded CLIPTextModel of
+    `hidden_size`. Enough for `oal-train embed` (which loads nothing else), and another token space
+    than tiny-random's: a second hidden size, or the same size with another seed.
+    """
+    import json
+    import shutil
+
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    source = tiny_sd_folder(base)
+    folder = Path(base) / "tiny-sd" / f"text-side-{hidden_size}-seed-{seed}"
+    shutil.rmtree(folder, ignore_errors=True)
+    shutil.copytree(source / "tokenizer", folder / "tokenizer")
+    config = CLIPTextConfig.from_pretrained(str(source / "text_encoder"))
+    config.hidden_size = hidden_size
+    config.intermediate_size = 2 * hidden_size
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        CLIPTextModel(config).save_pretrained(str(folder / "text_encoder"))
+    index = json.loads((source / "model_index.json").read_text(encoding="utf-8"))
+    index.update(unet=[None, None], vae=[None, None])
+    (folder / "model_index.json").write_text(json.dumps(index), encoding="utf-8")
+    return folder

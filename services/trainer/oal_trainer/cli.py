@@ -234,6 +234,70 @@ def show_config(
     out_console.print_json(json.dumps(resolved.model_dump(mode="json")))
 
 
+@app.command()
+@cli_errors
+def embed(
+    generator: Annotated[Path, typer.Option(help="A Stable Diffusion diffusers folder (text_encoder/, tokenizer/).")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="Embedding-set file to write (.safetensors).")],
+    benchmark: Annotated[str, typer.Option(help="Benchmark whose ID images are embedded.")] = "fmnist-osr",
+    method: Annotated[str, typer.Option(help="text-aligned (train an image encoder) or projected (--run).")] = (
+        "text-aligned"
+    ),
+    run: Annotated[Path | None, typer.Option(help="projected: a finished classifier run dir.")] = None,
+    class_name: Annotated[
+        list[str] | None, typer.Option(help="Class word of each ID class, in label order (repeat).")
+    ] = None,
+    model: Annotated[str, typer.Option(help="text-aligned: the encoder (a model name of oal-train).")] = "resnet_small",
+    per_class: Annotated[int, typer.Option(help="ID train images per class put into the set.")] = 500,
+    train_per_class: Annotated[int, typer.Option(help="ID train images per class to train on; 0: all.")] = 1000,
+    eval_per_class: Annotated[int, typer.Option(help="Held-out ID test images per class for the accuracy.")] = 200,
+    epochs: Annotated[int | None, typer.Option(help="Default: 5 (text-aligned), 30 (projected).")] = None,
+    lr: Annotated[float, typer.Option(help="AdamW peak learning rate.")] = 1e-3,
+    batch_size: Annotated[int, typer.Option(help="Images (or features) per step.")] = 128,
+    temperature: Annotated[float, typer.Option(help="tau of the cosine logits.")] = 0.1,
+    seed: Annotated[int, typer.Option(help="Seeds the subsets, the initial weights and the order.")] = 0,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    threads: Annotated[int, typer.Option(help="Torch threads; 0: OAL_TORCH_THREADS or torch's default.")] = 0,
+    progress: Annotated[bool, typer.Option(help="Show a progress bar (terminals only).")] = True,
+) -> None:
+    """Make an embedding set in an SD folder's token space from the benchmark's ID images (Stage A)."""
+    import torch
+
+    from oal_shared.embeddings import save_embedding_set
+    from oal_shared.settings import get_settings
+    from oal_trainer.embed import EmbedConfig, make_embedding_set
+
+    config = EmbedConfig(
+        generator=generator,
+        benchmark=benchmark,
+        method=method,
+        run=run,
+        class_names=tuple(class_name or ()),
+        model=model,
+        per_class=per_class,
+        train_per_class=train_per_class or None,
+        eval_per_class=eval_per_class,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        temperature=temperature,
+        seed=seed,
+        device=device,
+    )
+    if threads or get_settings().torch_threads:
+        torch.set_num_threads(threads or get_settings().torch_threads)
+    result = make_embedding_set(config, progress=progress)
+    save_embedding_set(result.embedding_set, out)
+    record = result.record
+    out_console.print(
+        f"wrote {out}: {len(result.embedding_set)} vectors of dim {result.embedding_set.dim}, space {record['space']}\n"
+        f"nearest-row accuracy on {record['held_out_images']} held-out images: {record['nearest_row_accuracy']:.3f} "
+        f"(chance {record['chance']:.3f}); {result.seconds:.1f} s",
+        highlight=False,
+        soft_wrap=True,
+    )
+
+
 def main() -> None:
     level = logging.INFO if _is_main_rank() else logging.WARNING
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
