@@ -24,10 +24,18 @@ import numpy as np
 import pytest
 from safetensors.numpy import load_file, save_file
 
+from oal_shared.errors import ShardError
 from oal_shared.generator_hash import content_hash
-from oal_shared.shards import OutlierSample, iter_outlier_samples, list_shards, verify_shards, write_shard
+from oal_shared.shards import (
+    OutlierSample,
+    iter_outlier_samples,
+    list_shards,
+    load_manifest,
+    verify_shards,
+    write_shard,
+)
 from oal_synth.generators.files import read_generator_info, write_generator_info
-from oal_synth.resume import STALE_TEMP_AGE_S
+from oal_synth.resume import STALE_TEMP_AGE_S, PlannedSample, confirm_shards
 from oal_synth.synthesis import run_synthesis_job
 from tests.reliability.conftest import TinyService, tiny_job_spec
 
@@ -179,3 +187,23 @@ def test_stale_temp_files_of_a_killed_writer_are_removed_and_fresh_ones_kept(tin
     assert fresh.exists(), "a temp file modified moments ago may belong to a live writer"
     assert unrelated.exists()
     assert any(stale_shard.name in r.getMessage() for r in caplog.records)
+
+
+def test_the_manifest_lists_a_shard_as_found_when_another_attempt_replaced_it(tiny_service, shard_root):
+    # Two attempts of one job at once: the other one rewrote shard 1 after this one had written it.
+    run_synthesis_job(job_spec(tiny_service), job_id="job-twice")
+    folder = shard_root / "job-twice"
+    ours = load_manifest(folder).shards
+    written = [list(iter_outlier_samples([folder / info.name])) for info in ours]
+    plan = [[PlannedSample(s.key, s.cls, s.embedding, s.meta) for s in samples] for samples in written]
+
+    # Same plan, other latents (another GPU's arithmetic): listed as found, with the file's sha256.
+    write_shard(folder, 1, [dataclasses.replace(s, latent=s.latent + np.float16(0.01)) for s in written[1]])
+    confirmed = confirm_shards(folder, ours, plan.__getitem__)
+    assert confirmed[0] == ours[0] and confirmed[2] == ours[2]
+    assert confirmed[1].sha256 == shard_digests(folder)["outliers-000001.tar"] != ours[1].sha256
+
+    # Another plan (other embeddings): this attempt must not list it, it gives way.
+    write_shard(folder, 1, [dataclasses.replace(s, embedding=s.embedding + np.float32(1e-3)) for s in written[1]])
+    with pytest.raises(ShardError, match="outliers-000001.tar.*planned other samples.*embedding"):
+        confirm_shards(folder, ours, plan.__getitem__)

@@ -11,8 +11,10 @@ why.
 
 Two attempts of one job may run at once (a worker presumed dead comes back). Shard writes take an
 exclusive lock on the job folder and look again under it, so a shard that one attempt completed is
-never replaced by the other, and every attempt's manifest lists the same files with the same
-sha256.
+never replaced by the other when both plan the same samples. The manifest is written under the
+same lock from the shards as they are on disk then (`confirm_shards`), so it lists every shard once
+with the sha256 of the file there, even when the other attempt planned differently (a sampler that
+is not bit-for-bit reproducible across machines) and replaced some.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +39,7 @@ __all__ = [
     "LOCK_NAME",
     "STALE_TEMP_AGE_S",
     "PlannedSample",
+    "confirm_shards",
     "job_folder_lock",
     "remove_stale_temp_files",
     "reusable_shard",
@@ -168,6 +171,30 @@ def write_planned_shard(
             if exc.filename:  # already names its file
                 raise
             raise OSError(exc.errno, f"{exc.strerror or exc} while writing shard", str(path)) from exc
+
+
+def confirm_shards(
+    out_dir: Path, infos: Sequence[ShardInfo], planned_of: Callable[[int], Sequence[PlannedSample]]
+) -> list[ShardInfo]:
+    """The shards of `infos` as they are on disk now; call it holding `job_folder_lock`, right before the manifest.
+
+    A shard that another attempt of this job replaced since this one wrote or kept it is taken as
+    found when it holds this attempt's plan (`planned_of(index)`); otherwise ShardError, and this
+    attempt fails (it is retried, and resumes from whatever is on disk then).
+    """
+    confirmed = []
+    for index, info in enumerate(infos):
+        path = Path(out_dir) / info.name
+        on_disk = describe_shard(path)
+        if on_disk.sha256 != info.sha256:
+            found, reason = _check_shard(path, planned_of(index))
+            if found is None:
+                raise ShardError(
+                    f"replaced by another attempt of this job that planned other samples: {reason}", shard=str(path)
+                )
+            logger.info("shard %s was rewritten by another attempt of this job, as planned; listed as found", path)
+        confirmed.append(on_disk)
+    return confirmed
 
 
 # ---------------------------------------------------------------------------- a killed writer's leftovers

@@ -54,6 +54,8 @@ from oal_synth.generators.registry import load_generator
 from oal_synth.queue import JobCanceled, JobInterrupted, JobLost, is_cancel_requested, job_record_exists
 from oal_synth.resume import (
     PlannedSample,
+    confirm_shards,
+    job_folder_lock,
     remove_stale_temp_files,
     reusable_shard,
     spec_sha256,
@@ -202,22 +204,26 @@ def run_synthesis_job(spec_json: dict, job_id: str | None = None) -> dict:
         context.update(progress={"done": done, "total": len(plan)}, shards=[i.to_json() for i in infos])
     remove_stale_temp_files(out_dir)
 
-    # 8. Write the manifest.
-    manifest_path = write_manifest(
-        out_dir,
-        spec.model_dump(mode="json"),
-        infos,
-        generator=info.to_json(),
-        extra={
-            "job_id": context.job_id,
-            "embeddings": {
-                "source": es.source,
-                "space": es.space,
-                "class_names": list(es.class_names),
-                "count": len(es),
+    # 8. Write the manifest, holding the folder lock, of the shards as they are on disk now.
+    with job_folder_lock(out_dir):
+        infos = confirm_shards(
+            out_dir, infos, lambda index: planned_samples(plan, shard_rows[index], spec, info, es, context.job_id)
+        )
+        manifest_path = write_manifest(
+            out_dir,
+            spec.model_dump(mode="json"),
+            infos,
+            generator=info.to_json(),
+            extra={
+                "job_id": context.job_id,
+                "embeddings": {
+                    "source": es.source,
+                    "space": es.space,
+                    "class_names": list(es.class_names),
+                    "count": len(es),
+                },
             },
-        },
-    )
+        )
     context.update(manifest_path=str(manifest_path))
     seconds = time.perf_counter() - started
     logger.info(
