@@ -9,8 +9,9 @@ Read top-down like a diffusers pipeline's `__call__`:
  5. sample boundary outliers (Stage B)
  6. plan shards: outlier order and per-outlier seeds depend only on the spec, so shard i's bytes
     depend only on the spec and i
- 7. denoise each shard not already on disk, batch by batch, checking for cancel between batches
- 8. write manifest.json and return a summary
+ 7. denoise each shard not already on disk as planned, batch by batch, checking for cancel
+    between batches
+ 8. write manifest.json (under the job folder's lock, from the shards as found) and return a summary
 
 A retried job (worker killed, timeout, crash) runs the same steps; a shard already under its
 final name is complete by construction (write, fsync, rename), and it is kept only when every
