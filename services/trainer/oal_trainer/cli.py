@@ -199,6 +199,26 @@ def report(
 
 @app.command()
 @cli_errors
+def compare(
+    run_dirs: Annotated[list[Path], typer.Argument(help="Finished run dirs and/or sweep folders.")],
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Write compare.md and compare.csv here.")] = None,
+    scorer: Annotated[str, typer.Option(help="Which of our OOD scores to show.")] = "energy",
+    benchmark: Annotated[
+        list[str] | None, typer.Option("--benchmark", help="Published rows of cifar10 and/or cifar100; repeatable.")
+    ] = None,
+) -> None:
+    """Our runs beside published OpenOOD v1.5 rows (OAL, OE, VOS, NPOS, CE on CIFAR), sources cited."""
+    from oal_trainer.compare import build_comparison
+    from oal_trainer.published import PUBLISHED_BENCHMARKS
+
+    result = build_comparison(run_dirs, out, scorer=scorer, benchmarks=tuple(benchmark or PUBLISHED_BENCHMARKS))
+    out_console.print(result.markdown, markup=False, highlight=False)
+    for path in result.paths.values():
+        out_console.print(f"wrote {path}")
+
+
+@app.command()
+@cli_errors
 def sweep(
     sweep_file: Annotated[Path, typer.Argument(help="TOML or JSON sweep file (cells, seeds, overrides).")],
     out: Annotated[Path, typer.Option("--out", "-o", help="Sweep folder; a re-run skips finished runs.")],
