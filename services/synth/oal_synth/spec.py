@@ -28,10 +28,14 @@ from pydantic import (
     model_validator,
 )
 
+from oal_shared.data.folder_spec import is_benchmark_file
 from oal_shared.settings import Settings
 
 SCHEDULERS = ("ddim", "pndm", "dpm-solver")
 GENERATOR_ID_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._/-]{0,199}$")
+#: Built-in benchmarks a job may embed by id (the embedded generator's 28x28 grey images); any other
+#: benchmark comes as a benchmark file below the worker's data root.
+EMBEDDABLE_BENCHMARKS = ("fmnist-osr",)
 
 
 class SamplerConfig(BaseModel):
@@ -104,8 +108,26 @@ class EmbeddingsFromSet(BaseModel):
 class EmbeddingsFromBenchmark(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    benchmark: Literal["fmnist-osr"] = Field(description="Embed this benchmark's ID train split with the generator.")
+    benchmark: str = Field(
+        description="Embed this benchmark's ID train split with the generator: 'fmnist-osr', or a benchmark "
+        "file (.toml or .json) relative to the worker's data root (OAL_DATA_DIR).",
+        max_length=1000,
+    )
     per_class: StrictInt = Field(500, ge=2, le=100_000, description="ID training images embedded per class.")
+
+    @field_validator("benchmark")
+    @classmethod
+    def _builtin_or_file(cls, value: str) -> str:
+        if value in EMBEDDABLE_BENCHMARKS:
+            return value
+        if not is_benchmark_file(value):
+            raise ValueError(
+                f"must be one of {list(EMBEDDABLE_BENCHMARKS)} or a benchmark file (.toml or .json) relative to "
+                f"the data root, got {value!r}"
+            )
+        if value.startswith(("/", "\\")) or ".." in re.split(r"[/\\]", value) or "\x00" in value:
+            raise ValueError("a benchmark file must be a path relative to the data root, without '..'")
+        return value
 
 
 EMBEDDINGS_FROM_SET = "set"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -21,9 +22,16 @@ from pydantic import ValidationError
 
 from oal_shared.data.benchmark import FMNIST_OSR, FMNIST_OSR_ID_CLASSES
 from oal_shared.data.fashion_mnist import FMNIST_CLASSES
+from oal_shared.data.folder_spec import (
+    check_sources,
+    class_names_of,
+    is_benchmark_file,
+    read_benchmark_file,
+    resolve_benchmark_file,
+)
 from oal_shared.embeddings import EmbeddingSet
-from oal_shared.errors import ConfigError, SpaceMismatchError
-from oal_shared.settings import Settings
+from oal_shared.errors import ConfigError, OALError, SpaceMismatchError
+from oal_shared.settings import Settings, get_settings
 from oal_synth.generators.base import GeneratorInfo
 from oal_synth.generators.registry import GeneratorNotFoundError, find_generator
 from oal_synth.spec import EmbeddingsFromBenchmark, EmbeddingsFromSet, JobSpec, field_path
@@ -51,6 +59,7 @@ LIMIT = "limit_exceeded"
 SPACE = "space_mismatch"
 UNKNOWN_GENERATOR = "unknown_generator"
 UNKNOWN_SET = "unknown_embedding_set"
+UNKNOWN_BENCHMARK = "unknown_benchmark"
 
 
 @dataclass(frozen=True)
@@ -103,11 +112,22 @@ class EmbeddingsSummary:
         )
 
     @classmethod
-    def for_benchmark(cls, benchmark: str) -> EmbeddingsSummary:
-        """A benchmark before it is embedded: only its ID classes are known."""
-        if benchmark != FMNIST_OSR:  # the spec's Literal admits no other today
+    def for_benchmark(cls, benchmark: str, settings: Settings | None = None) -> EmbeddingsSummary:
+        """A benchmark before it is embedded: only its ID classes are known.
+
+        A benchmark file is looked up inside the data root and read (its class folders listed, no
+        image opened, no torch imported); a missing, malformed or escaping file raises naming it.
+        """
+        name = f"benchmark {benchmark}"
+        if benchmark == FMNIST_OSR:
+            return cls(name=name, class_names=tuple(FMNIST_CLASSES[c] for c in FMNIST_OSR_ID_CLASSES))
+        if not is_benchmark_file(benchmark):
             raise ConfigError(f"embeddings.benchmark: unknown benchmark {benchmark!r}")
-        return cls(name=f"benchmark {benchmark}", class_names=tuple(FMNIST_CLASSES[c] for c in FMNIST_OSR_ID_CLASSES))
+        data_dir = Path((settings or get_settings()).data_dir)
+        path = resolve_benchmark_file(benchmark, data_dir, confined=True)
+        spec = read_benchmark_file(path)
+        check_sources(spec, data_dir, path)
+        return cls(name=name, class_names=class_names_of(spec, data_dir, path))
 
 
 def embeddings_name(spec: JobSpec) -> str:
@@ -225,7 +245,12 @@ def check_submission(spec: JobSpec, settings: Settings, store: EmbeddingSetStore
             problems.append(Problem("embeddings.set_id", str(exc), UNKNOWN_SET))
             embeddings = None
     else:
-        embeddings = EmbeddingsSummary.for_benchmark(spec.embeddings.benchmark)
+        try:
+            embeddings = EmbeddingsSummary.for_benchmark(spec.embeddings.benchmark, settings)
+        except OALError as exc:  # not there, not readable, or pointing out of the data root
+            message = str(exc).removeprefix("embeddings.benchmark: ")
+            problems.append(Problem("embeddings.benchmark", message, UNKNOWN_BENCHMARK))
+            embeddings = None
     return problems + validate_job(spec, generator, embeddings)
 
 

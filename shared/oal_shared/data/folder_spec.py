@@ -38,6 +38,7 @@ __all__ = [
     "BENCHMARK_FILE_SUFFIXES",
     "BenchmarkFile",
     "ImageSource",
+    "check_sources",
     "class_names_of",
     "is_benchmark_file",
     "read_benchmark_file",
@@ -187,6 +188,19 @@ def list_root(data_dir: Path, source: ImageSource, key: str, bench_path: Path) -
 def class_folders(folder: Path) -> list[str]:
     """Sub-folder names in sorted order: the class names, as torchvision's ImageFolder finds them."""
     return sorted(entry.name for entry in os.scandir(folder) if entry.is_dir())
+
+
+def check_sources(spec: BenchmarkFile, data_dir: Path, bench_path: Path) -> None:
+    """Every folder, list and list root the file names exists inside the data root (no image read)."""
+    named = [("id_train", spec.id_train), ("id_test", spec.id_test)]
+    named += [(f"near[{i}]", source) for i, source in enumerate(spec.near)]
+    named += [(f"far[{i}]", source) for i, source in enumerate(spec.far)]
+    for key, source in named:
+        source_path(data_dir, source, f"{key}.folder" if source.folder is not None else f"{key}.list", bench_path)
+        if source.list is not None:
+            root = list_root(data_dir, source, key, bench_path)
+            if not root.is_dir():
+                raise DataNotFoundError(f"benchmark file {bench_path}: {key}.root: folder {root} does not exist")
 
 
 def class_names_of(spec: BenchmarkFile, data_dir: Path, bench_path: Path) -> tuple[str, ...]:
