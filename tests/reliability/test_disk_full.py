@@ -60,6 +60,13 @@ def test_disk_full_while_a_shard_is_rewritten_keeps_the_old_shards_and_names_the
     assert temp_files(folder) == []
     verify_shards(folder)
 
+    # The same spec: every shard is kept, and the manifest rewrite is what fails.
+    with pytest.raises(OSError) as caught:
+        run_synthesis_job(spec_with(tiny_service, 2.0), job_id="job-full")
+    assert caught.value.errno == errno.ENOSPC
+    assert str(folder / MANIFEST_NAME) in str(caught.value), caught.value
+    assert digests(folder) == before and temp_files(folder) == []
+
     filler.unlink()  # space again: the same job now completes under the new spec
     run_synthesis_job(spec_with(tiny_service, 3.5), job_id="job-full")
     samples = list(iter_outlier_samples(list_shards(folder)))

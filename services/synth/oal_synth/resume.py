@@ -41,6 +41,7 @@ __all__ = [
     "PlannedSample",
     "confirm_shards",
     "job_folder_lock",
+    "naming_path_on_error",
     "remove_stale_temp_files",
     "reusable_shard",
     "shard_mismatch",
@@ -165,12 +166,19 @@ def write_planned_shard(
         if info is not None:
             logger.info("shard %s was completed by another attempt of this job meanwhile; kept", path)
             return info
-        try:
+        with naming_path_on_error(path, "shard"):
             return write_shard(out_dir, index, samples)
-        except OSError as exc:
-            if exc.filename:  # already names its file
-                raise
-            raise OSError(exc.errno, f"{exc.strerror or exc} while writing shard", str(path)) from exc
+
+
+@contextmanager
+def naming_path_on_error(path: Path, what: str) -> Iterator[None]:
+    """Re-raise an OSError that names no file (a write on a full disk: ENOSPC) as one naming `path`."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename:  # already names its file
+            raise
+        raise OSError(exc.errno, f"{exc.strerror or exc} while writing {what}", str(path)) from exc
 
 
 def confirm_shards(

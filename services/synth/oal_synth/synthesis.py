@@ -45,6 +45,7 @@ from oal_shared.paths import safe_join
 from oal_shared.seeds import derive_seed
 from oal_shared.settings import Settings, get_settings
 from oal_shared.shards import (
+    MANIFEST_NAME,
     OutlierSample,
     ShardInfo,
     sample_key,
@@ -57,6 +58,7 @@ from oal_synth.resume import (
     PlannedSample,
     confirm_shards,
     job_folder_lock,
+    naming_path_on_error,
     remove_stale_temp_files,
     reusable_shard,
     spec_sha256,
@@ -206,7 +208,7 @@ def run_synthesis_job(spec_json: dict, job_id: str | None = None) -> dict:
     remove_stale_temp_files(out_dir)
 
     # 8. Write the manifest, holding the folder lock, of the shards as they are on disk now.
-    with job_folder_lock(out_dir):
+    with job_folder_lock(out_dir), naming_path_on_error(out_dir / MANIFEST_NAME, "the manifest"):
         infos = confirm_shards(
             out_dir, infos, lambda index: planned_samples(plan, shard_rows[index], spec, info, es, context.job_id)
         )
