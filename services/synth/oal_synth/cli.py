@@ -171,6 +171,37 @@ def register_sd(
     console.print(f"{info.id}: space {info.space}, embed_dim {info.embed_dim}, latent {info.latent_shape}")
 
 
+@app.command()
+def export(
+    job_dir: Annotated[Path, typer.Argument(help="A finished job folder (manifest.json + shards), or a job id")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="New folder to write the export into")],
+    format: Annotated[str, typer.Option(help="openood (image list, an `oe` split) or imagefolder")] = "openood",
+    generator_dir: Annotated[
+        Path | None, typer.Option(help="The job's generator folder [default: OAL_GENERATOR_ROOT/<its id>]")
+    ] = None,
+    batch_size: Annotated[int, typer.Option(help="Latents decoded at once")] = 64,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
+) -> None:
+    """Decode a job's outliers to PNG for other tools (OpenOOD image list or class folders), provenance beside."""
+    from oal_shared.errors import OALError
+    from oal_shared.paths import ensure_within
+    from oal_shared.shards import load_manifest
+    from oal_synth.export import export_job
+
+    settings = get_settings()
+    try:
+        folder = job_dir if job_dir.is_dir() else Path(settings.shard_root) / str(job_dir)
+        manifest = load_manifest(folder)
+        generator = generator_dir or Path(settings.generator_root) / manifest.generator.id
+        generator = ensure_within(Path(settings.generator_root), generator)
+        result = export_job(folder, out, format=format, generator_dir=generator, batch_size=batch_size, device=device)
+    except OALError as exc:
+        raise _fail(str(exc), EXIT_REFUSED) from None
+    console.print(f"exported {result.count} outliers ({result.format}) to {result.out}")
+    for name, path in result.files.items():
+        console.print(f"  {name}: {path}")
+
+
 # ---------------------------------------------------------------------------- clients
 
 
