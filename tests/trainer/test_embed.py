@@ -187,3 +187,24 @@ def test_a_run_dir_without_a_model_is_named(tiny_sd, ce_run, tmp_path):
         EmbedConfig(generator=tiny_sd, per_class=0)
     with pytest.raises(ConfigError, match="--method: expected one of text-aligned, projected"):
         EmbedConfig(generator=tiny_sd, method="dream")
+
+
+def test_a_folder_benchmark_is_read_from_its_files_a_batch_at_a_time(tiny_sd, tmp_path):
+    from oal_shared.data.benchmark import load_benchmark
+    from tests.utils.folder_benchmark import write_folder_benchmark
+
+    settings = Settings(data_dir=tmp_path)
+    write_folder_benchmark(tmp_path, train_per_class=40, test_per_class=20, size=16, channels=3)
+    assert load_benchmark("shapes.toml", settings).id_train.on_disk
+    # The folder names (circle, square, stripe) are not in the tiny vocabulary: words that are.
+    names = ("Coat", "Sandal", "Shirt")
+    config = EmbedConfig(
+        generator=tiny_sd, benchmark="shapes.toml", class_names=names, epochs=4, **{**SMALL, "batch_size": 20}
+    )
+    with tiny_model_runtime():
+        result = make_embedding_set(config, settings=settings)
+
+    es = result.embedding_set
+    assert es.class_names == names and [len(es.for_class(c)) for c in range(3)] == [20, 20, 20]
+    assert result.record["held_out_images"] == 60 and result.record["train_images"] == 120
+    assert result.record["nearest_row_accuracy"] > 0.6  # measured 1.0; chance 1/3 (the classes differ in colour)

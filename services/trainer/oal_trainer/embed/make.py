@@ -272,7 +272,7 @@ def make_embedding_set(config: EmbedConfig, settings: Settings | None = None, pr
     record = {
         "made_by": MADE_BY,
         "method": config.method,
-        "generator": str(tokens.folder),
+        "generator": str(tokens.folder.resolve()),
         "generator_id": generator_id,
         "space": tokens.space,
         "benchmark": config.benchmark,
