@@ -123,6 +123,35 @@ def test_rgb_weights_in_a_grey_model_equal_the_grey_image_repeated(resnet18_file
         torch.testing.assert_close(grey(x), rgb(x.repeat(1, 3, 1, 1)), rtol=1e-4, atol=1e-4)
 
 
+def test_vit_position_embeddings_for_another_image_size_are_resampled(tmp_path, caplog):
+    torch.manual_seed(0)
+    state = torchvision.models.vit_b_32(weights=None).state_dict()  # 224 px: a 7x7 grid of patches
+    # Embeddings that spell out their own grid position: channel 0 the row, channel 1 the column,
+    # so a resampling that is right (bicubic is exact on a linear ramp) can be checked cell by cell.
+    rows, cols = torch.meshgrid(torch.arange(7.0), torch.arange(7.0), indexing="ij")
+    positions = torch.zeros(1, 1 + 49, 768)
+    positions[0, 0, :] = 7.0  # the class token's position
+    positions[0, 1:, 0], positions[0, 1:, 1] = rows.flatten(), cols.flatten()
+    state["encoder.pos_embedding"] = positions
+    path = tmp_path / "vit_b_32.safetensors"
+    save_file(state, str(path))
+    model = build_model("torchvision.vit_b_32", 10, 3, 96)  # 3x3 patches
+    with caplog.at_level(logging.INFO, logger="oal_trainer.weights"):
+        load_weights_file(model, path, "init_weights", reinit_head=True)
+    assert "position embeddings resampled from a 7x7 to a 3x3 grid" in caplog.text
+    loaded = model.backbone.encoder.pos_embedding.detach()
+    assert loaded.shape == (1, 1 + 3 * 3, 768)
+    torch.testing.assert_close(loaded[0, 0], positions[0, 0])  # the class token's, untouched
+    # torchvision resamples with corners on corners: the 3x3 cells sit at rows and columns 0, 3, 6.
+    centres = [0.0, 3.0, 6.0]
+    for r in range(3):
+        for c in range(3):
+            cell = loaded[0, 1 + 3 * r + c]
+            torch.testing.assert_close(cell[:2], torch.tensor([centres[r], centres[c]]), atol=1e-4, rtol=0)
+    with torch.no_grad():
+        assert model(torch.randn(1, 3, 96, 96)).shape == (1, 10)
+
+
 def test_a_pickle_is_refused_without_the_flag_and_says_how_to_convert(resnet18_file, tmp_path):
     path = tmp_path / "resnet18.pth"
     torch.save(read_state_dict(resnet18_file, "test"), path)
@@ -190,6 +219,24 @@ def test_a_timm_state_dict_round_trips(tmp_path):
     x = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(model(x), reference(x))
+
+
+def test_a_timm_vit_loads_at_another_size_and_channel_count(tmp_path, caplog):
+    timm = pytest.importorskip("timm", reason="timm is not installed (pip install 'oal-ood[models]')")
+    torch.manual_seed(0)
+    reference = timm.create_model("vit_tiny_patch16_224", pretrained=False, num_classes=1000)
+    path = tmp_path / "vit_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in reference.state_dict().items()}, str(path))
+    model = build_model("timm.vit_tiny_patch16_224", 10, 1, 32)  # grey, 2x2 patches
+    with caplog.at_level(logging.INFO, logger="oal_trainer.weights"):
+        fit = load_weights_file(model, path, "init_weights", reinit_head=True)
+    assert fit.head_reinitialised and len(fit.adapted) == 3
+    assert "resampled from a 14x14 to a 2x2 grid" in caplog.text and "summed over" in caplog.text
+    positions = model.backbone.pos_embed.detach()
+    assert positions.shape == (1, 1 + 2 * 2, 192)
+    torch.testing.assert_close(positions[:, 0], reference.pos_embed.detach()[:, 0])
+    conv = model.backbone.patch_embed.proj.weight.detach()
+    torch.testing.assert_close(conv, reference.patch_embed.proj.weight.detach().sum(dim=1, keepdim=True))
 
 
 @pytest.mark.parametrize(

@@ -7,14 +7,16 @@ they are refused unless the config says `allow_pickle_weights=true`, and even th
 A state dict saved from the plain library model (e.g. `torchvision.models.resnet18(weights=...)`)
 is translated to the wrapped layout (`LibraryModel.to_model_key`). What may differ, and is said in
 the log: the classifier head (another number of classes: re-initialised, where the caller allows
-it), an RGB first convolution loaded into a grey model (summed over its input channels), a
-`module.` prefix (a DDP save). Anything else that does not fit (missing or unexpected tensors,
-other shapes) is an error naming the file, the tensor and both shapes.
+it), an RGB first convolution loaded into a grey model (summed over its input channels), ViT
+position embeddings made for another image size (resampled), a `module.` prefix (a DDP save).
+Anything else that does not fit (missing or unexpected tensors, other shapes) is an error naming
+the file, the tensor and both shapes.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -132,6 +134,22 @@ def _grey_first_conv(
     return tensor, ""
 
 
+def _resampled_positions(
+    model: nn.Module, key: str, tensor: torch.Tensor, wanted: torch.Tensor
+) -> tuple[torch.Tensor, str]:
+    """ViT position embeddings for another patch grid (weights made at 224 px, images of 64): resampled
+    to this grid by the library's own function, the class token's kept, as fine-tuning at a new size does."""
+    if not isinstance(model, LibraryModel) or key != model.position_key or model.resample_positions is None:
+        return tensor, ""
+    if tensor.ndim != 3 or tensor.shape == wanted.shape or tensor.shape[::2] != wanted.shape[::2]:
+        return tensor, ""
+    old_side, new_side = (math.isqrt(n - model.prefix_tokens) for n in (tensor.shape[1], wanted.shape[1]))
+    if old_side**2 + model.prefix_tokens != tensor.shape[1] or new_side**2 + model.prefix_tokens != wanted.shape[1]:
+        return tensor, ""
+    resampled = model.resample_positions(tensor, new_side)
+    return resampled, f"position embeddings resampled from a {old_side}x{old_side} to a {new_side}x{new_side} grid"
+
+
 def fit_state_dict(
     model: nn.Module, state: dict[str, torch.Tensor], path: Path, field: str, *, reinit_head: bool
 ) -> tuple[int, bool, tuple[str, ...]]:
@@ -172,9 +190,10 @@ def fit_state_dict(
         if tensor is None:
             problems.append(_mismatch(file_key(key), None, wanted))
             continue
-        tensor, note = _grey_first_conv(model, key, tensor, wanted)
-        if note:
-            adapted.append(note)
+        for adapt in (_grey_first_conv, _resampled_positions):
+            tensor, note = adapt(model, key, tensor, wanted)
+            if note:
+                adapted.append(note)
         if _shape(tensor) != _shape(wanted):
             problems.append(_mismatch(file_key(key), tensor, wanted))
             continue

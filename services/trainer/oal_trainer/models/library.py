@@ -8,11 +8,15 @@ Small inputs. A ResNet-family stem halves 224 px twice before the first stage; a
 a 1x1 map at the last stage. The `cifar` stem keeps the first convolution's kernel (so ImageNet
 weights still load) at stride 1 and drops the max-pool; `auto` picks it below SMALL_INPUT px.
 Grey images: the first convolution takes one channel (weights made for RGB are summed over their
-input channels when loaded, which equals feeding the grey image repeated three times).
+input channels when loaded, which equals feeding the grey image repeated three times). ViTs are
+built for the image size; position embeddings made for another are resampled by the library's own
+function when loaded.
 """
 
 from __future__ import annotations
 
+from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,6 +59,11 @@ class LibraryModel(nn.Module):
         self.source_head = source_head
         self.first_conv_key = f"backbone.{first_conv}.weight"
         self.stem = stem  # resolved: "imagenet" or "cifar"
+        # ViTs: the position embeddings' key, how many tokens precede the patch grid, and the library's
+        # own resampler (embeddings (1, L, D), new grid side) -> (1, prefix + side^2, D); None for CNNs.
+        self.position_key: str | None = None
+        self.prefix_tokens = 0
+        self.resample_positions: Callable[[torch.Tensor, int], torch.Tensor] | None = None
 
     def forward(self, x: torch.Tensor, return_feature: bool = False):
         h = self.backbone(x)  # (B, D)
@@ -144,6 +153,7 @@ def _adapted_conv(conv: nn.Conv2d, in_channels: int, stride: int | tuple[int, ..
 
 def build_torchvision(arch: str, num_classes: int, in_channels: int, image_size: int, stem: str) -> LibraryModel:
     import torchvision
+    from torchvision.models.vision_transformer import interpolate_embeddings
 
     name = TORCHVISION_PREFIX + arch
     spec = TORCHVISION_MODELS.get(arch)
@@ -166,7 +176,7 @@ def build_torchvision(arch: str, num_classes: int, in_channels: int, image_size:
         _replace(net, spec.first_conv, _adapted_conv(conv, in_channels, 1 if stem == "cifar" else conv.stride))
     if stem == "cifar" and spec.pool is not None:
         _replace(net, spec.pool, nn.Identity())
-    return LibraryModel(
+    model = LibraryModel(
         net,
         head,
         name=name,
@@ -175,6 +185,13 @@ def build_torchvision(arch: str, num_classes: int, in_channels: int, image_size:
         first_conv=spec.first_conv,
         stem=stem,
     )
+    if spec.patch is not None:
+        patch = spec.patch
+        model.position_key, model.prefix_tokens = "backbone.encoder.pos_embedding", 1  # the class token
+        model.resample_positions = lambda positions, side: interpolate_embeddings(
+            side * patch, patch, OrderedDict({"encoder.pos_embedding": positions})
+        )["encoder.pos_embedding"]
+    return model
 
 
 def build_timm(arch: str, num_classes: int, in_channels: int, image_size: int, stem: str, name: str) -> LibraryModel:
@@ -197,7 +214,7 @@ def build_timm(arch: str, num_classes: int, in_channels: int, image_size: int, s
     if not isinstance(source_head, str) or not isinstance(first_conv, str):
         raise ConfigError(f"model: {name} has several classifier heads or input layers; pick a single-head model")
     feature_dim = int(getattr(net, "head_hidden_size", None) or net.num_features)
-    return LibraryModel(
+    model = LibraryModel(
         net,
         nn.Linear(feature_dim, num_classes),
         name=name,
@@ -206,3 +223,11 @@ def build_timm(arch: str, num_classes: int, in_channels: int, image_size: int, s
         first_conv=first_conv,
         stem="imagenet",
     )
+    if isinstance(getattr(net, "pos_embed", None), nn.Parameter):
+        # As timm's own checkpoint filter counts them: no class-token position when no_embed_class.
+        prefix = 0 if getattr(net, "no_embed_class", False) else int(getattr(net, "num_prefix_tokens", 1))
+        model.position_key, model.prefix_tokens = "backbone.pos_embed", prefix
+        model.resample_positions = lambda positions, side: timm.layers.resample_abs_pos_embed(
+            positions, [side, side], num_prefix_tokens=prefix
+        )
+    return model
