@@ -22,7 +22,7 @@ from torch.utils.data import DataLoader, Dataset, DistributedSampler, RandomSamp
 from oal_shared.data.image_files import take_images
 from oal_shared.errors import ConfigError
 from oal_trainer.data.seeds import derive_seed, seeded_generator
-from oal_trainer.data.streamed import StreamedImages, to_model_input
+from oal_trainer.data.streamed import StreamedImages, as_is, to_model_input
 
 if TYPE_CHECKING:
     from oal_shared.data.benchmark import Benchmark, ImageSet
@@ -135,10 +135,10 @@ def id_loader(
         )
     dataset: Dataset
     if isinstance(train.images, StreamedImages):
-        dataset = _LabelledRows(train.images, train.labels)
+        dataset, collate = _LabelledRows(train.images, train.labels), as_is
         num_workers = num_workers or train.images.workers
     else:
-        dataset = TensorDataset(train.images, train.labels, torch.arange(len(train)))
+        dataset, collate = TensorDataset(train.images, train.labels, torch.arange(len(train))), None
     if world_size > 1:
         sampler = DistributedSampler(
             dataset,
@@ -158,6 +158,7 @@ def id_loader(
         sampler=sampler,
         drop_last=True,
         num_workers=num_workers,
+        collate_fn=collate,
         generator=seeded_generator(seed, "loader", epoch, rank),
     )
 
@@ -173,6 +174,11 @@ class _LabelledRows(Dataset):
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return self.images[index], self.labels[index], torch.tensor(index)
+
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The whole batch in one call (decoded in the worker); the loader's collate passes it on as is."""
+        rows = torch.as_tensor(indices, dtype=torch.int64)
+        return self.images.__getitems__(indices), self.labels[rows], rows
 
 
 def steps_per_epoch(num_images: int, batch_size: int, world_size: int = 1) -> int:
