@@ -54,6 +54,16 @@ def test_a_torchvision_state_dict_round_trips(resnet18_file):
         torch.testing.assert_close(model(x), _reference(resnet18_file)(x))
 
 
+def test_a_trained_model_goes_back_into_the_plain_torchvision_model():
+    torch.manual_seed(0)
+    model = build_model("torchvision.resnet18", 10, 3, 224).eval()
+    plain = torchvision.models.resnet18(weights=None, num_classes=10).eval()
+    plain.load_state_dict(model.library_state_dict(), strict=True)
+    x = torch.randn(2, 3, 224, 224)
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x))
+
+
 def test_a_head_of_another_size_is_reinitialised_and_the_rest_loaded(resnet18_file, caplog):
     torch.manual_seed(1)
     model = build_model("torchvision.resnet18", 10, 3, 32)

@@ -81,6 +81,11 @@ class LibraryModel(nn.Module):
             return self.source_head + model_key[len("head") :]
         return model_key.removeprefix("backbone.")
 
+    def library_state_dict(self) -> dict[str, torch.Tensor]:
+        """This model's tensors under the library's own names: a trained student back into the plain
+        torchvision / timm model (built with the same stem and input channels)."""
+        return {self.to_source_key(key): value for key, value in self.state_dict().items()}
+
 
 @dataclass(frozen=True)
 class TorchvisionSpec:
