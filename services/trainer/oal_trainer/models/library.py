@@ -99,7 +99,6 @@ class TorchvisionSpec:
 
 
 _RESNET = TorchvisionSpec(first_conv="conv1", head="fc", pool="maxpool")
-_CONV3 = TorchvisionSpec(first_conv="features.0.0", head="classifier.1")
 TORCHVISION_MODELS: dict[str, TorchvisionSpec] = {
     "resnet18": _RESNET,
     "resnet34": _RESNET,
@@ -108,7 +107,7 @@ TORCHVISION_MODELS: dict[str, TorchvisionSpec] = {
     "wide_resnet50_2": _RESNET,
     "resnext50_32x4d": _RESNET,
     "densenet121": TorchvisionSpec(first_conv="features.conv0", head="classifier", pool="features.pool0"),
-    "efficientnet_b0": _CONV3,
+    "efficientnet_b0": TorchvisionSpec(first_conv="features.0.0", head="classifier.1"),
     "mobilenet_v3_large": TorchvisionSpec(first_conv="features.0.0", head="classifier.3"),
     "convnext_tiny": TorchvisionSpec(first_conv="features.0.0", head="classifier.2", small_stem=False),
     "vit_b_16": TorchvisionSpec(first_conv="conv_proj", head="heads.head", small_stem=False, patch=16),
@@ -214,7 +213,12 @@ def build_timm(arch: str, num_classes: int, in_channels: int, image_size: int, s
     if pretrained_cfg is not None and pretrained_cfg.fixed_input_size:
         kwargs["img_size"] = image_size  # position embeddings are sized for the input
     # num_classes=0: timm's model ends at the pooled pre-logits features; the head is ours.
-    net = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_channels, **kwargs)
+    try:
+        net = timm.create_model(arch, pretrained=False, num_classes=0, in_chans=in_channels, **kwargs)
+    except (AssertionError, ValueError, TypeError, RuntimeError) as exc:  # timm's checks of sizes and options
+        raise ConfigError(
+            f"model: timm could not build {arch} for {in_channels}-channel {image_size} px images ({exc})"
+        ) from exc
     source_head, first_conv = net.pretrained_cfg.get("classifier"), net.pretrained_cfg.get("first_conv")
     if not isinstance(source_head, str) or not isinstance(first_conv, str):
         raise ConfigError(f"model: {name} has several classifier heads or input layers; pick a single-head model")
