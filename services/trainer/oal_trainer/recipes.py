@@ -36,6 +36,7 @@ RUNTIME_FIELDS = frozenset(
         "eval_scorers",
         "eval_batch_size",
         "tensorboard",
+        "allow_pickle_weights",  # a permission to read a file, not a change to what is computed
     }
 )
 
