@@ -49,6 +49,7 @@ from oal_shared.errors import (
     UnsafePathError,
 )
 from oal_shared.settings import Settings
+from oal_synth.job_context import clear_stop_request, request_stop
 from oal_synth.queue import (
     JobCanceled,
     JobInterrupted,
@@ -220,8 +221,6 @@ class SynthesisWorker(SimpleWorker):
 
     def handle_warm_shutdown_request(self) -> None:
         super().handle_warm_shutdown_request()
-        from oal_synth.synthesis import request_stop  # imported here: the module loads torch
-
         request_stop()
 
     def _sort_failure(self, job: Job, exc_type, exc_value, traceback) -> bool:
@@ -307,8 +306,6 @@ def run_worker(
     # Import the job's code now, not at the first job: import errors show at start-up, and the
     # first job does not pay seconds of imports. No CUDA is touched here.
     from diffusers import StableDiffusionPipeline  # noqa: F401 - every generator kind loads through it
-
-    from oal_synth.synthesis import clear_stop_request
 
     clear_stop_request()
     connection = connect(settings)
