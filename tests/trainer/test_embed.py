@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -126,7 +127,7 @@ def test_the_same_seed_gives_the_same_set(tiny_sd, ce_run):
     config = EmbedConfig(generator=tiny_sd, method="projected", run=ce_run, epochs=3, **SMALL)
     with tiny_model_runtime():
         first, again = make_embedding_set(config), make_embedding_set(config)
-        other = make_embedding_set(EmbedConfig(**{**config.__dict__, "seed": 1}))
+        other = make_embedding_set(replace(config, seed=1))
 
     assert first.embedding_set.content_id() == again.embedding_set.content_id()
     assert first.embedding_set.content_id() != other.embedding_set.content_id()
