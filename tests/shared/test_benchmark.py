@@ -5,7 +5,6 @@ from __future__ import annotations
 import ast
 import hashlib
 import importlib.util
-import time
 from pathlib import Path
 
 import numpy as np
@@ -106,14 +105,11 @@ def test_same_bytes_every_time_also_after_cache_clear(bench: Benchmark, settings
         cached.cache_clear()
     fmnist_osr._fmnist_osr.cache_clear()
 
-    started = time.perf_counter()
     rebuilt = load_benchmark("fmnist-osr", settings)
-    seconds = time.perf_counter() - started
 
     assert rebuilt is not bench
     after = {s.name: (sha256(s.images), sha256(s.labels)) for s in (rebuilt.id_train, *rebuilt.ood_sets())}
-    assert after == before
-    assert seconds < 3.0, f"building fmnist-osr took {seconds:.2f} s"
+    assert after == before  # (its build time is a benchmark's business, not a test's: docs/BENCHMARKS.md)
 
 
 def test_digits_are_sklearn_digits_in_order():
