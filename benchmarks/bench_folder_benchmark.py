@@ -51,30 +51,43 @@ def class_image(rng: np.random.Generator, label: int, size: int) -> np.ndarray:
 
 
 def generate(cache: Path, images: int, size: int, small: int, seed: int = 0) -> dict:
-    """The PNG folders and benchmark files under `cache` (the data root), written once."""
+    """The PNG folders under `cache` (the data root), written once, and the two benchmark files."""
     marker = cache / "complete.json"
-    wanted = {"version": GENERATOR_VERSION, "images": images, "size": size, "small": small, "seed": seed}
-    if marker.is_file() and json.loads(marker.read_text()) == wanted:
-        return wanted
+    wanted = {"version": GENERATOR_VERSION, "images": images, "size": size, "seed": seed}
+    per_class = images // len(CLASSES)
+    if not (marker.is_file() and json.loads(marker.read_text()) == wanted):
+        _write_pngs(cache, per_class, size, max(images // 100, 100), seed)
+        marker.write_text(json.dumps(wanted))
+    # The first `small` train images, as an OpenOOD-style image list (relative path, label).
+    lines = [
+        f"train/{name}/{index:05d}.png {label}"
+        for label, name in enumerate(CLASSES)
+        for index in range(min(small // len(CLASSES), per_class))
+    ]
+    (cache / "small_train.txt").write_text("\n".join(lines) + "\n")
+    common = '[id_test]\nfolder = "folder64/test"\n[[near]]\nfolder = "folder64/near"\n'
+    common += '[[far]]\nfolder = "folder64/far"\n'
+    (cache / "big.toml").write_text(f'name = "folder64"\nchannels = 3\n[id_train]\nfolder = "folder64/train"\n{common}')
+    small_file = f'name = "folder64-small"\nchannels = 3\nclass_names = {json.dumps(list(CLASSES))}\n'
+    small_file += f'[id_train]\nlist = "small_train.txt"\nroot = "folder64"\n{common}'
+    (cache / "small.toml").write_text(small_file)
+    return {**wanted, "small": len(lines)}
+
+
+def _write_pngs(cache: Path, per_class: int, size: int, ood: int, seed: int) -> None:
     if cache.exists():
         shutil.rmtree(cache)
     rng = np.random.default_rng(seed)
     root = cache / "folder64"
-    per_class = images // len(CLASSES)
     test_per_class = max(per_class // 100, 10)
-    ood = max(images // 100, 100)
-    total = per_class * len(CLASSES) + test_per_class * len(CLASSES) + 2 * ood
-    small_lines = []
+    total = (per_class + test_per_class) * len(CLASSES) + 2 * ood
     with tqdm(total=total, desc=f"writing PNGs into {root}", unit="img") as bar:
         for split, count in (("train", per_class), ("test", test_per_class)):
             for label, name in enumerate(CLASSES):
                 folder = root / split / name
                 folder.mkdir(parents=True)
                 for index in range(count):
-                    relative = f"{split}/{name}/{index:05d}.png"
-                    Image.fromarray(class_image(rng, label, size)).save(root / relative, compress_level=1)
-                    if split == "train" and index < small // len(CLASSES):
-                        small_lines.append(f"{relative} {label}")
+                    Image.fromarray(class_image(rng, label, size)).save(folder / f"{index:05d}.png", compress_level=1)
                     bar.update()
         for kind in ("near", "far"):
             (root / kind).mkdir()
@@ -85,15 +98,6 @@ def generate(cache: Path, images: int, size: int, small: int, seed: int = 0) -> 
                     image = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
                 Image.fromarray(image).save(root / kind / f"{index:05d}.png", compress_level=1)
                 bar.update()
-    (cache / "small_train.txt").write_text("\n".join(small_lines) + "\n")
-    common = '[id_test]\nfolder = "folder64/test"\n[[near]]\nfolder = "folder64/near"\n'
-    common += '[[far]]\nfolder = "folder64/far"\n'
-    (cache / "big.toml").write_text(f'name = "folder64"\nchannels = 3\n[id_train]\nfolder = "folder64/train"\n{common}')
-    small_file = f'name = "folder64-small"\nchannels = 3\nclass_names = {json.dumps(list(CLASSES))}\n'
-    small_file += f'[id_train]\nlist = "small_train.txt"\nroot = "folder64"\n{common}'
-    (cache / "small.toml").write_text(small_file)
-    marker.write_text(json.dumps(wanted))
-    return wanted
 
 
 def _children(pid: int) -> list[int]:
@@ -199,51 +203,59 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("artifacts/bench-cache/folder64"))
     parser.add_argument("--images", type=int, default=50_000)
     parser.add_argument("--size", type=int, default=64)
-    parser.add_argument("--small", type=int, default=5_000, help="ID train images of the held/streamed comparison")
+    parser.add_argument("--small", type=int, default=2_500, help="ID train images of the held/streamed comparison")
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--model", default="resnet_tiny")
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument("--skip-big", action="store_true", help="only the held/streamed comparison")
     args = parser.parse_args()
 
-    load_before = os.getloadavg()
     started = time.perf_counter()
-    data = generate(args.cache.resolve(), args.images, args.size, args.small)
-    generate_s = time.perf_counter() - started
-    cache = args.cache.resolve()
-    with tempfile.TemporaryDirectory(prefix="bench-folder-") as tmp:
-        big = fit_once("big.toml", cache, Path(tmp) / "big", args, {})  # the default limit: it streams
-        comparison = {"held": [], "streamed": []}
-        for round_index in range(args.rounds):
-            for mode, limit in (("held", "4096"), ("streamed", "0")):
-                out = Path(tmp) / f"small-{mode}-{round_index}"
-                comparison[mode].append(fit_once("small.toml", cache, out, args, {"OAL_ID_IN_MEMORY_MAX_MB": limit}))
-    held = statistics.median(r["id_images_per_s"] for r in comparison["held"])
-    streamed = statistics.median(r["id_images_per_s"] for r in comparison["streamed"])
-    result = {
+    result: dict = {
         "command": " ".join([Path(sys.executable).name, *sys.argv]),
         "machine": {
             "cpus": os.cpu_count(),
             "processor": platform.processor() or platform.machine(),
-            "load_average_before": [round(x, 2) for x in load_before],
-            "load_average_after": [round(x, 2) for x in os.getloadavg()],
+            "load_average_before": [round(x, 2) for x in os.getloadavg()],
         },
-        "data": {**data, "float32_gb": round(args.images * 3 * args.size**2 * 4 / 1e9, 2)},
-        "generate_s": round(generate_s, 1),
-        "big": big,
-        "small": comparison,
-        "small_id_images_per_s": {"held_median": held, "streamed_median": streamed},
-        "streamed_over_held": round(streamed / held, 3),
-        "targets": {
-            "trainer_peak_rss_below_1.5gb": (big["trainer_peak_rss_mb"] or float("inf")) < 1536,
-            "streamed_over_held_at_least_0.9": streamed / held >= 0.9,
-        },
+        "complete": False,
     }
-    text = json.dumps(result, indent=2)
-    if args.out is not None:
-        args.out.write_text(text + "\n")
-    print(text)  # noqa: T201 - a script's result
+    data = generate(args.cache.resolve(), args.images, args.size, args.small)
+    result["data"] = {**data, "float32_gb": round(args.images * 3 * args.size**2 * 4 / 1e9, 2)}
+    result["generate_s"] = round(time.perf_counter() - started, 1)
+    cache = args.cache.resolve()
+    comparison: dict[str, list] = {"held": [], "streamed": []}
+    result["small"] = comparison
+    with tempfile.TemporaryDirectory(prefix="bench-folder-") as tmp:
+        if not args.skip_big:
+            result["big"] = fit_once("big.toml", cache, Path(tmp) / "big", args, {})  # default limit: it streams
+            _write(result, args.out)
+        for round_index in range(args.rounds):  # alternating, so a change in machine load hits both alike
+            for mode, limit in (("held", "4096"), ("streamed", "0")):
+                out = Path(tmp) / f"small-{mode}-{round_index}"
+                comparison[mode].append(fit_once("small.toml", cache, out, args, {"OAL_ID_IN_MEMORY_MAX_MB": limit}))
+                _write(result, args.out)
+    held = statistics.median(r["id_images_per_s"] for r in comparison["held"])
+    streamed = statistics.median(r["id_images_per_s"] for r in comparison["streamed"])
+    result["machine"]["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+    result["small_id_images_per_s"] = {"held_median": held, "streamed_median": streamed}
+    result["streamed_over_held"] = round(streamed / held, 3)
+    big_rss = result.get("big", {}).get("trainer_peak_rss_mb")
+    result["targets"] = {
+        "trainer_peak_rss_below_1.5gb": big_rss is not None and big_rss < 1536,
+        "streamed_over_held_at_least_0.9": streamed / held >= 0.9,
+    }
+    result["complete"] = True
+    _write(result, args.out)
+    print(json.dumps(result, indent=2))  # noqa: T201 - a script's result
+
+
+def _write(result: dict, out: Path | None) -> None:
+    """The result so far (a long run killed midway keeps what it measured)."""
+    if out is not None:
+        out.write_text(json.dumps(result, indent=2) + "\n")
 
 
 if __name__ == "__main__":
