@@ -180,6 +180,12 @@ def test_fitted_detectors_need_the_id_training_set(case):
     with pytest.raises(ConfigError, match="'knn' is fitted on the ID training set"):
         bind_scorer("knn", bare)
     bind_scorer("ash", bare)  # nothing to fit
+    fit = case["context"].id_train()
+    gap = fit.labels != 1  # no image of class 1: Mahalanobis has no mean for it
+    holed = IDFeatures(fit.logits[gap], fit.features[gap], fit.labels[gap])
+    context = ScorerContext(model=bare.model, device=bare.device, input_std=(1.0,), id_train=lambda: holed)
+    with pytest.raises(ConfigError, match=r"no image of classes \[1\]"):
+        bind_scorer("mahalanobis", context)
 
 
 def test_evaluate_model_fits_on_the_given_training_set_and_caches_its_features(model, benchmark, tmp_path):  # noqa: F811

@@ -127,6 +127,9 @@ class MahalanobisScorer:
 
     def bind(self, context: ScorerContext) -> _FeatureScorer:
         fit_set = _id_fit_set(context, self.name)
+        missing = sorted(set(range(int(fit_set.labels.max()) + 1)) - set(fit_set.labels.tolist()))
+        if missing:  # pytorch-ood asserts that every class 0..K-1 has a mean
+            raise ConfigError(f"scorer {self.name!r}: the ID training set has no image of classes {missing}")
         detector = Mahalanobis(None).fit_features(fit_set.features, fit_set.labels)
         return _FeatureScorer(self.name, detector.predict_features)
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -217,7 +217,7 @@ def _score_set(
 
 def _fit_features(
     model: nn.Module, id_train: IDTrainSet | None, batch_size: int, device: torch.device, cache: Path | None
-):
+) -> Callable[[], IDFeatures] | None:
     """A loader of the model's ID training features, run (or read from `cache`) on first call only."""
     if id_train is None:
         return None
