@@ -10,6 +10,13 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def _naming(target: Path, exc: OSError) -> OSError:
+    """An OSError that names the file being written: a full disk reports ENOSPC without a file name."""
+    if exc.filename is not None:
+        return exc
+    return OSError(exc.errno, f"{exc.strerror or exc} while writing", str(target))
+
+
 @contextmanager
 def atomic_file(target: Path) -> Iterator[BinaryIO]:
     """Write through a hidden temp file in the target's folder, renamed onto the target on success.
@@ -23,6 +30,11 @@ def atomic_file(target: Path) -> Iterator[BinaryIO]:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        named = _naming(target, exc)
+        if named is exc:
+            raise
+        raise named from exc
     finally:
         tmp.unlink(missing_ok=True)  # gone already after a successful rename
     fsync_dir(target.parent)
@@ -56,6 +68,11 @@ def atomic_path(target: Path) -> Iterator[Path]:
         with open(tmp, "rb") as handle:
             os.fsync(handle.fileno())
         os.replace(tmp, target)
+    except OSError as exc:
+        named = _naming(target, exc)
+        if named is exc:
+            raise
+        raise named from exc
     finally:
         tmp.unlink(missing_ok=True)  # gone already after a successful rename
     fsync_dir(target.parent)

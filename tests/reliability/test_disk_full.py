@@ -83,11 +83,6 @@ def tiny_training_parts(seed: int) -> tuple[nn.Module, torch.optim.Optimizer]:
     return model, optimizer
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="oal_trainer.checkpoint.save_safetensors lets safetensors' SafetensorError through, which does "
-    "not name the file; the old checkpoint does stay intact",
-)
 def test_disk_full_while_a_checkpoint_is_saved_keeps_the_old_checkpoint_and_names_the_path(small_filesystem):
     path = small_filesystem / "run" / "checkpoints" / "last.safetensors"
     resume_key = {"recipe": "ce", "seed": 0}

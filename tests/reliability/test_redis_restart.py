@@ -41,7 +41,7 @@ def long_spec(set_id: str) -> dict:
 
 def lost_answer(client, job_id: str):
     response = client.get(f"/v1/jobs/{job_id}")
-    if response.status_code in (404, 410) and "lost by the queue" in response.json()["error"]["message"]:
+    if response.status_code == 410 and "lost by the queue" in response.json()["error"]["message"]:
         return response
     return None
 

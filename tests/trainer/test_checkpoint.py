@@ -137,8 +137,9 @@ def test_a_write_that_fails_half_way_keeps_the_old_checkpoint(tmp_path, monkeypa
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr("oal_trainer.checkpoint.save_file", disk_full)
-    with pytest.raises(OSError, match="No space left"):
+    with pytest.raises(CheckpointError, match="No space left") as caught:
         save_checkpoint(path, modules, optimizers, TrainingState(2, 8), {})
+    assert str(path) in str(caught.value)
     assert path.read_bytes() == before
     assert json.loads(read_safetensors(path)[1]["state"])["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"], "no temp file left behind"

@@ -52,8 +52,14 @@ def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
 
 
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
-    """`tensors` (contiguous, unshared) and `metadata` as one safetensors file, replaced atomically."""
-    return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    """`tensors` (contiguous, unshared) and `metadata` as one safetensors file, replaced atomically.
+
+    A failed write (a full disk) leaves the old file as it was and raises CheckpointError naming `path`:
+    safetensors' own error names only the temp file's OS error."""
+    try:
+        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: cannot write it ({exc}); the previous file is unchanged") from exc
 
 
 def sha256_file(path: Path) -> str:

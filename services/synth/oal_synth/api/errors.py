@@ -31,7 +31,7 @@ from oal_shared.errors import (
     UnsafePathError,
 )
 from oal_synth.api.request_id import request_id_of
-from oal_synth.queue import JobNotFoundError, JobStateError
+from oal_synth.queue import JobLostError, JobNotFoundError, JobStateError
 from oal_synth.validation import Problem, describe_problems, spec_problems
 
 logger = logging.getLogger(__name__)
@@ -204,7 +204,9 @@ async def _redis_failed(request: Request, exc: Exception) -> JSONResponse:
 
 
 def oal_error_to_api(exc: OALError) -> APIError:
-    """Our error family as HTTP: lookups 404, state conflicts 409, bad content 422."""
+    """Our error family as HTTP: lookups 404 (410 for a job the queue lost), state conflicts 409, bad content 422."""
+    if isinstance(exc, JobLostError):  # before JobNotFoundError, its base: the job existed and is gone
+        return APIError(410, "job_lost", str(exc))
     if isinstance(exc, JobNotFoundError | DataNotFoundError):
         return APIError(404, "not_found", str(exc))
     if isinstance(exc, JobStateError):

@@ -68,7 +68,12 @@ def submit_job(
     return job_view(job)
 
 
-@router.get("/{job_id}", response_model=JobOut, responses={404: {"model": ErrorOut}}, summary="Read a job")
+@router.get(
+    "/{job_id}",
+    response_model=JobOut,
+    responses={404: {"model": ErrorOut}, 410: {"model": ErrorOut, "description": "The queue lost the job"}},
+    summary="Read a job",
+)
 def get_job(job_id: str, connection: RedisDep) -> dict:
     return job_view(fetch_job(connection, job_id))
 
