@@ -15,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,22 +41,17 @@ class CheckpointError(OALError, ValueError):
     """A checkpoint or weights file is missing, unreadable, or does not fit the run; names the file."""
 
 
-def atomic_write(path: Path, write: Callable[[Path], object]) -> Path:
-    """Write through `write(tmp_path)` to a temp file beside `path` that replaces it whole (fsio.atomic_path)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        write(tmp)
-    return path
-
-
 def save_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> Path:
     """`tensors` (contiguous, unshared) and `metadata` as one safetensors file, replaced atomically.
 
     A failed write (a full disk) leaves the old file as it was and raises CheckpointError naming `path`:
     safetensors' own error names only the temp file's OS error."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        return atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+        with atomic_path(path) as tmp:
+            save_file(tensors, str(tmp), metadata=metadata)
+        return path
     except (SafetensorError, OSError) as exc:
         raise CheckpointError(f"{path}: cannot write it ({exc}); the previous file is unchanged") from exc
 

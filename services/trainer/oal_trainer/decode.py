@@ -30,33 +30,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import save_file
 
 from oal_shared.errors import ConfigError, ShardError
-from oal_shared.generator_hash import content_hash
+from oal_shared.outlier_images import check_generator
 from oal_shared.shards import OutlierManifest, ReadStats, iter_outlier_samples, load_manifest
-from oal_trainer.checkpoint import CheckpointError, atomic_write, read_safetensors, sha256_file
+from oal_trainer.checkpoint import CheckpointError, read_safetensors, save_safetensors, sha256_file
 
 logger = logging.getLogger(__name__)
 
 CROP_TOLERANCE = 1.25  # decoded side / ID side up to which a centre crop (not a resize) is used
-
-
-def check_generator_folder(generator_dir: Path, manifest: OutlierManifest) -> str:
-    """The content hash of `generator_dir`, if it is the one that made the manifest's outliers.
-
-    Otherwise ConfigError naming both hashes: a VAE from another generator decodes the latents
-    into images that have nothing to do with the outliers the job synthesised.
-    """
-    actual = content_hash(Path(generator_dir))
-    expected = manifest.generator
-    if actual != expected.content_hash:
-        raise ConfigError(
-            f"generator_dir: {generator_dir} has content hash {actual}, but the outliers in {manifest.folder} "
-            f"were made by generator {expected.id!r} with content hash {expected.content_hash}; "
-            "decode them with that generator's folder"
-        )
-    return actual
 
 
 class PixelDecoder:
@@ -82,7 +64,7 @@ class PixelDecoder:
         self.generator_dir = Path(generator_dir)
         self.manifest = manifest
         if manifest is not None:
-            check_generator_folder(self.generator_dir, manifest)
+            check_generator(self.generator_dir, manifest)  # the one check every decoder of a job's latents uses
         from diffusers import AutoencoderKL
 
         try:
@@ -181,7 +163,7 @@ class DecodedOutliers:
                 images, keys = loaded
                 metadata = {"key": self.key, "keys": "\n".join(keys)}
                 tensors = {"images": images.contiguous()}
-                atomic_write(path, lambda tmp: save_file(tensors, str(tmp), metadata=metadata))
+                save_safetensors(path, tensors, metadata)
         self.images, keys = loaded  # (N, C, H, W)
         self.row_of = {key: row for row, key in enumerate(keys)}
 

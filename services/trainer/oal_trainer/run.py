@@ -50,6 +50,7 @@ from oal_trainer.distributed import DistContext, barrier, init_distributed, wrap
 from oal_trainer.objective import OALObjective, StepBatch, TrainModules
 from oal_trainer.recipes import TrainConfig
 from oal_trainer.run_models import build_student, teacher_model
+from oal_trainer.scorers import get_scorer
 from oal_trainer.teacher import LoadedRun, TeacherOutputs, cached_teacher_outputs
 
 if TYPE_CHECKING:  # decode pulls in diffusers; only pixel-space runs import it
@@ -213,6 +214,9 @@ def build_run(config: TrainConfig, run_dir: Path, settings: Settings) -> Run:
     if threads:
         torch.set_num_threads(threads)
     seed_everything(config.seed)
+    if config.evaluate:  # an unknown scorer, or a detector without its extra, fails now, not after training
+        for name in config.eval_scorers:
+            get_scorer(name)
     if (run_dir / MODEL_FILE).exists():
         raise ConfigError(
             f"--out {run_dir}: already holds a finished run ({MODEL_FILE}); choose another folder, "
