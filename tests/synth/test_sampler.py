@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import sys
 
 import numpy as np
 import pytest
@@ -269,3 +270,62 @@ def test_a_class_smaller_than_k_is_sampled_with_k_clamped_once(caplog):
         out = sample_class_outliers(embeddings, SamplerConfig(k=300, select=5, n_candidates=40), torch.Generator(), 4)
     assert caplog.text.count("exceeds") == 1 and "class 4: k=300 exceeds its 60 embeddings" in caplog.text
     torch.testing.assert_close(knn_distance(out.embeddings, embeddings, 60), out.knn_distance)
+
+
+# The k-NN backend is the spec's, never the machine's -------------------------------------------
+
+
+class _WrongFaiss:
+    """A stand-in `faiss` module whose index answers nonsense: any use of it changes the outliers."""
+
+    class IndexFlatL2:
+        def __init__(self, dim):
+            self.dim = dim
+
+        def add(self, bank):
+            pass
+
+        def search(self, queries, k):
+            rows = np.random.default_rng(0).random((len(queries), k), dtype=np.float32)
+            return np.sort(rows, axis=1) * 4, None
+
+
+def test_the_default_backend_draws_the_same_outliers_whether_or_not_faiss_is_importable(monkeypatch):
+    config = SamplerConfig(k=5, select=4, n_candidates=30, keep=2)
+    assert config.knn_backend == "torch"
+    es = embedding_set([40, 40], seed=11)
+    monkeypatch.setitem(sys.modules, "faiss", None)  # `import faiss` raises ImportError
+    without = sample_outliers(es, config, 20, seed=3)
+    monkeypatch.setitem(sys.modules, "faiss", _WrongFaiss)
+    with_faiss = sample_outliers(es, config, 20, seed=3)
+    for a, b in zip(without, with_faiss, strict=True):
+        torch.testing.assert_close(a.embeddings, b.embeddings, atol=0, rtol=0)
+        assert torch.equal(a.boundary_index, b.boundary_index)
+    # The stand-in is reached when a job asks for faiss, so the comparison above could have failed.
+    faiss_job = sample_outliers(es, config.model_copy(update={"knn_backend": "faiss"}), 20, seed=3)
+    assert not all(torch.equal(a.embeddings, b.embeddings) for a, b in zip(without, faiss_job, strict=True))
+
+
+def test_a_faiss_job_without_faiss_installed_names_the_field(monkeypatch):
+    monkeypatch.setitem(sys.modules, "faiss", None)
+    config = SamplerConfig(k=5, select=4, n_candidates=30, keep=2, knn_backend="faiss")
+    with pytest.raises(ConfigError, match="sampler.knn_backend is 'faiss', but faiss is not installed"):
+        sample_outliers(embedding_set([40, 40], seed=11), config, 10, seed=3)
+
+
+def test_knn_backend_refuses_other_names():
+    with pytest.raises(ValueError, match="knn_backend"):
+        SamplerConfig(knn_backend="auto")
+    with pytest.raises(ConfigError, match="backend must be 'torch' or 'faiss'"):
+        knn_distance(torch.ones(3, 2), torch.ones(3, 2), 1, backend="auto")
+
+
+def test_real_faiss_sampling_matches_torch_on_well_separated_data():
+    pytest.importorskip("faiss")
+    config = SamplerConfig(k=5, select=4, n_candidates=30, keep=2)
+    es = embedding_set([40, 40], seed=11)
+    torch_run = sample_outliers(es, config, 20, seed=3)
+    faiss_run = sample_outliers(es, config.model_copy(update={"knn_backend": "faiss"}), 20, seed=3)
+    for a, b in zip(torch_run, faiss_run, strict=True):
+        assert torch.equal(a.boundary_index, b.boundary_index)
+        torch.testing.assert_close(a.embeddings, b.embeddings, atol=1e-6, rtol=0)

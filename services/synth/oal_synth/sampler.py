@@ -8,9 +8,12 @@ Per class c with L2-normalised embeddings E_c (N x D), following docs/METHOD.md,
 4. Keep, per b, the `keep` candidates with the largest d_k against E_c (lowest density),
    rescaled to the class's anchor norm.
 
-Everything is vectorised torch; the k-NN uses faiss when it is importable (CPU tensors), torch
-otherwise. Distances are Euclidean between unit vectors (faiss' squared distances are rooted), so
-they lie in [0, 2].
+Everything is vectorised torch. The k-NN runs on the backend the job names
+(`sampler.knn_backend`): "torch" (the default) or "faiss" (the `faiss` extra, exact flat L2 on the
+CPU). The backend is chosen by the spec, never by what a machine has installed, because the two
+round differently and a near tie in the k-th distance can pick another boundary point or candidate:
+one job must draw the same outliers on every worker. Distances are Euclidean between unit vectors
+(faiss' squared distances are rooted), so they lie in [0, 2].
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ KNN_CHUNK_ELEMENTS = 1 << 24
 # config and seed must give the same outliers on every machine.
 CANDIDATE_BLOCK_ELEMENTS = 1 << 23
 
-KnnBackend = Literal["auto", "torch", "faiss"]
+KnnBackend = Literal["torch", "faiss"]
 
 
 @dataclass
@@ -84,18 +87,26 @@ def _knn_distance_torch(queries: torch.Tensor, bank: torch.Tensor, k: int) -> to
     return torch.cat(out) if out else queries.new_zeros(0)
 
 
-def _knn_distance_faiss(faiss, queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+def _knn_distance_faiss(queries: torch.Tensor, bank: torch.Tensor, k: int) -> torch.Tensor:
+    faiss = _faiss_module()
+    if faiss is None:
+        raise ConfigError(
+            "sampler.knn_backend is 'faiss', but faiss is not installed on this machine "
+            "(pip install 'oal-ood[faiss]', or use knn_backend 'torch')"
+        )
     index = faiss.IndexFlatL2(bank.shape[1])
-    index.add(bank.contiguous().numpy())
-    squared, _ = index.search(queries.contiguous().numpy(), k)  # (M, k) squared L2, ascending
-    return torch.from_numpy(squared[:, -1].copy()).clamp_min_(0.0).sqrt_()
+    index.add(bank.detach().cpu().contiguous().numpy())
+    squared, _ = index.search(queries.detach().cpu().contiguous().numpy(), k)  # (M, k) squared L2, ascending
+    kth = torch.from_numpy(squared[:, -1].copy()).clamp_min_(0.0).sqrt_()
+    return kth.to(queries.device)
 
 
-def knn_distance(queries: torch.Tensor, bank: torch.Tensor, k: int, backend: KnnBackend = "auto") -> torch.Tensor:
+def knn_distance(queries: torch.Tensor, bank: torch.Tensor, k: int, backend: KnnBackend = "torch") -> torch.Tensor:
     """k-th nearest-neighbour distance of each query to the bank, on L2-normalised vectors.
 
     queries (M, D), bank (N, D) -> (M,) float32. A query that is also in the bank finds itself at
     distance 0, so it counts as its own first neighbour. k larger than N is clamped to N (logged).
+    `backend` "faiss" needs faiss installed (ConfigError otherwise); it runs on the CPU.
     """
     if queries.ndim != 2 or bank.ndim != 2:
         raise ConfigError(
@@ -107,20 +118,21 @@ def knn_distance(queries: torch.Tensor, bank: torch.Tensor, k: int, backend: Knn
         raise ConfigError("knn_distance: the bank is empty")
     if k < 1:
         raise ConfigError(f"knn_distance: k must be >= 1, got {k}")
+    if backend not in ("torch", "faiss"):
+        raise ConfigError(f"knn_distance: backend must be 'torch' or 'faiss', got {backend!r}")
     if k > bank.shape[0]:
         logger.warning("k=%d exceeds the %d points of the bank; using k=%d", k, bank.shape[0], bank.shape[0])
         k = bank.shape[0]
     queries = F.normalize(queries.float(), dim=1)
     bank = F.normalize(bank.float().to(queries.device), dim=1)
-    faiss = _faiss_module() if backend != "torch" else None
-    if backend == "faiss" and faiss is None:
-        raise ConfigError("knn backend 'faiss' asked for, but faiss is not installed (pip install faiss-cpu)")
-    if faiss is not None and queries.device.type == "cpu":
-        return _knn_distance_faiss(faiss, queries, bank, k)
+    if backend == "faiss":
+        return _knn_distance_faiss(queries, bank, k)
     return _knn_distance_torch(queries, bank, k)
 
 
-def _boundary_indices(normed: torch.Tensor, k: int, select: int, class_id: int) -> torch.Tensor:
+def _boundary_indices(
+    normed: torch.Tensor, k: int, select: int, class_id: int, backend: KnnBackend = "torch"
+) -> torch.Tensor:
     """Rows of the class set with the largest k-th NN distance, largest first: (S,) int64."""
     if select > normed.shape[0]:
         logger.warning(
@@ -130,7 +142,7 @@ def _boundary_indices(normed: torch.Tensor, k: int, select: int, class_id: int) 
             normed.shape[0],
         )
         select = normed.shape[0]
-    kth = knn_distance(normed, normed, k)  # (N,)
+    kth = knn_distance(normed, normed, k, backend)  # (N,)
     return torch.topk(kth, select, largest=True, sorted=True).indices
 
 
@@ -152,7 +164,7 @@ def _draw_candidates(
             block.device
         )  # (s, C, D)
         candidates = F.normalize(block[:, None, :] + config.sigma * eps, dim=-1)  # (s, C, D)
-        distances = knn_distance(candidates.reshape(-1, dim), bank, config.k)  # (s*C,)
+        distances = knn_distance(candidates.reshape(-1, dim), bank, config.k, config.knn_backend)  # (s*C,)
         distances = distances.view(block.shape[0], -1)  # (s, C)
         distance_blocks.append(distances)
         if keep_all:
@@ -238,7 +250,7 @@ def _sample(
             "class %d: k=%d exceeds its %d embeddings; using k=%d", class_id, config.k, len(normed), len(normed)
         )
         config = config.model_copy(update={"k": normed.shape[0]})
-    boundary_index = _boundary_indices(normed, config.k, config.select, class_id)  # (S,)
+    boundary_index = _boundary_indices(normed, config.k, config.select, class_id, config.knn_backend)  # (S,)
     outliers, origins, distances = [], [], []
     count = 0
     while count < max(min_count, 1):

@@ -54,6 +54,13 @@ class SamplerConfig(BaseModel):
     faithful_knn_bug: StrictBool = Field(
         False, description="Reproduce the reference code's wrong candidate indexing (for comparison only)."
     )
+    # Part of the spec (and so of every sample's provenance and the resume check), not picked by
+    # what a worker has installed: the backends round differently, so near ties in the k-th
+    # distance can pick other outliers, and one job must draw the same ones on every worker.
+    knn_backend: Literal["torch", "faiss"] = Field(
+        "torch",
+        description="k-NN backend of boundary sampling: torch (default, every machine) or faiss (the faiss extra).",
+    )
 
     @model_validator(mode="after")
     def _keep_fits(self) -> SamplerConfig:
