@@ -118,7 +118,7 @@ def run_synthesis_job(spec_json: dict, job_id: str | None = None) -> dict:
     # 7. Denoise and write every shard not already on disk as planned (a killed writer's temp files go).
     remove_stale_temp_files(out_dir)
     infos: list[ShardInfo] = []
-    done, resumed = 0, 0
+    done, resumed, denoised = 0, 0, 0
     for index, rows in enumerate(shard_rows):
         planned = planned_samples(plan, rows, spec, info, es, context.job_id)
         existing = reusable_shard(out_dir, index, planned)
@@ -132,6 +132,7 @@ def run_synthesis_job(spec_json: dict, job_id: str | None = None) -> dict:
                 samples += denoise_batch(generator, plan, batch, spec, es, planned[offset : offset + len(batch)])
                 context.update(progress={"done": done + len(samples), "total": len(plan)})
             info_i = write_planned_shard(out_dir, index, samples, planned)
+            denoised += len(rows)  # this run's work, without resumed shards: the throughput metric's count
         done += len(rows)
         infos.append(info_i)
         context.update(progress={"done": done, "total": len(plan)}, shards=[i.to_json() for i in infos])
@@ -174,6 +175,7 @@ def run_synthesis_job(spec_json: dict, job_id: str | None = None) -> dict:
         "num_samples": done,
         "num_shards": len(infos),
         "resumed_shards": resumed,
+        "denoised_samples": denoised,
         "generator": info.id,
         "seconds": round(seconds, 3),
     }

@@ -24,6 +24,8 @@ on a CPU, longer on a GPU) and must not happen after CUDA is initialised. `Synth
   stops (`JobLost`); the worker then writes none of RQ's end-of-job bookkeeping, which would leave
   fragments of a job Redis no longer knows, but a "lost" note the API reports. A worker whose own
   record is gone registers again at its next heartbeat, so dashboards and /readyz see it.
+- Job metrics. Each attempt's duration, outcome and outliers go to Redis once RQ is done with it,
+  and the API's /metrics exposes them (`oal_synth.worker_metrics` says why not a port per worker).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ from oal_synth.queue import (
     retry_interval_s,
     synthesis_queue,
 )
+from oal_synth.worker_metrics import JobAttempt, generator_label, record_job_attempt
 
 logger = logging.getLogger(__name__)
 
@@ -95,6 +98,7 @@ class SynthesisWorker(SimpleWorker):
         self._beats: threading.Thread | None = None
         self._requeue_job_id: str | None = None
         self._lost_job_id: str | None = None
+        self._attempt_outcome: str | None = None  # how the running attempt ended, for the job metrics
         self.push_exc_handler(self._sort_failure)
 
     # -- maintenance while idle ----------------------------------------------------------------
@@ -118,6 +122,29 @@ class SynthesisWorker(SimpleWorker):
         finally:
             self._stop_beats()
         self.set_state(WorkerStatus.IDLE)
+
+    def perform_job(self, job: Job, queue: Queue, execution) -> bool:
+        self._attempt_outcome = None
+        started = time.monotonic()
+        try:
+            return super().perform_job(job, queue, execution)
+        finally:
+            # After RQ's bookkeeping of the attempt, so nothing here can change how the job ended.
+            self._record_attempt(job, queue, time.monotonic() - started)
+
+    def _record_attempt(self, job: Job, queue: Queue, seconds: float) -> None:
+        if self._attempt_outcome is None:
+            return  # RQ's own handling failed before an outcome was known; its log says why
+        try:
+            summary = getattr(job, "_result", None) if self._attempt_outcome == "finished" else None
+            outliers = summary.get("denoised_samples", 0) if isinstance(summary, dict) else 0
+            attempt = JobAttempt(
+                generator_label(job.args[0] if job.args else None), self._attempt_outcome, seconds, outliers
+            )
+        except Exception as exc:  # noqa: BLE001 - a metrics failure never touches the job
+            self.log.warning("Worker %s: no metrics for job %s: %s", self.name, job.id, exc)
+            return
+        record_job_attempt(self.connection, queue.name, attempt)
 
     def handle_execution_ended(self, job: Job, queue: Queue, heartbeat_ttl: int) -> None:
         # The job has returned or raised: stop beating before RQ removes its execution records,
@@ -199,10 +226,12 @@ class SynthesisWorker(SimpleWorker):
     def handle_job_success(self, job: Job, queue: Queue, started_job_registry, execution) -> None:
         if self._lost_job_id == job.id:
             return self._forget_lost_job(job, execution)
+        self._attempt_outcome = "finished"
         return super().handle_job_success(job, queue, started_job_registry, execution)
 
     def _forget_lost_job(self, job: Job, execution) -> None:
         self._lost_job_id = None
+        self._attempt_outcome = "lost"
         with self.connection.pipeline() as pipeline:
             self.cleanup_execution(job, pipeline=pipeline, execution=execution)
             pipeline.delete(job.key)  # what the job's last progress update wrote
@@ -246,8 +275,10 @@ class SynthesisWorker(SimpleWorker):
         if self._lost_job_id == job.id:
             return self._forget_lost_job(job, execution)
         if self._requeue_job_id != job.id:
+            self._attempt_outcome = _failure_outcome(job, stopped=self._stopped_job_id == job.id)
             return super().handle_job_failure(job, queue, started_job_registry, exc_string, execution)
         self._requeue_job_id = None
+        self._attempt_outcome = "stopped"
         # Queued first, execution records removed second: should this process die in between, the
         # stale registry entry finds the job queued (not started) and leaves it alone.
         queue.enqueue_job(job, at_front=True)
@@ -255,6 +286,13 @@ class SynthesisWorker(SimpleWorker):
             self.cleanup_execution(job, pipeline=pipeline, execution=execution)
             pipeline.execute()
         self.log.info("Worker %s: job %s put back in %s; it resumes on the next worker", self.name, job.id, queue.name)
+
+
+def _failure_outcome(job: Job, stopped: bool) -> str:
+    # RQ's own rule (rq 3.0 `handle_job_failure`): a job stopped on request is never retried.
+    if stopped:
+        return "stopped"
+    return "retried" if job.should_retry else "failed"
 
 
 # ---------------------------------------------------------------------------- running one

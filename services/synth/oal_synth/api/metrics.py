@@ -4,11 +4,15 @@ Each app has its own `CollectorRegistry` (not the library's global one), so two 
 process (the tests) count apart. Request counters and latency histograms are labelled by route
 template (`/v1/jobs/{job_id}`), never by raw path, so a scan of random ids adds no series. Queue
 depths are read from Redis at scrape time by a custom collector; when Redis does not answer the
-scrape still succeeds, with `oal_redis_up 0` and no depth series.
+scrape still succeeds, with `oal_redis_up 0` and no depth series. The workers' job metrics
+(durations, outliers per second) are read from Redis the same way (`oal_synth.worker_metrics`
+says why they travel through Redis), so this one endpoint serves the whole deployment.
 
 Metric names (dashboards rely on them): `oal_http_requests_total{method,route,status}`,
 `oal_http_request_duration_seconds{method,route}`, `oal_jobs_submitted_total`,
-`oal_queue_jobs{state}`, `oal_redis_up`.
+`oal_queue_jobs{state}`, `oal_redis_up`, and from the workers `oal_job_duration_seconds{generator,outcome}`,
+`oal_outliers_synthesized_total{generator}`, `oal_job_outliers_per_second{generator}`
+(docs/METRICS.md has them all).
 """
 
 from __future__ import annotations
@@ -21,6 +25,8 @@ from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, H
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 from rq import Queue
+
+from oal_synth.worker_metrics import JobMetricsCollector
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +108,7 @@ class ApiMetrics:
         )
         if queue is not None:
             self.registry.register(QueueDepthCollector(queue))
+            self.registry.register(JobMetricsCollector(queue.connection, queue.name))
 
     def count_request(self, method: str, route: str | None, status: int, seconds: float) -> None:
         route = route or UNMATCHED_ROUTE
