@@ -91,6 +91,11 @@ def test_worker_process_jobs_show_in_api_metrics(oal_env, redis_conn, tmp_path, 
                 what=f"both jobs to end (worker log: {tmp_path / 'worker.log'})",
             )
             assert (status(good), status(bad)) == ("finished", "failed")
+            # A canceled job: stopped at its next batch, its denoised outliers not counted.
+            long = client.post("/v1/jobs", json=make_spec(set_id, 400, 20).model_dump(mode="json")).json()["id"]
+            wait_until(lambda: client.get(f"/v1/jobs/{long}").json()["shards"], timeout=60, what="a first shard")
+            assert client.delete(f"/v1/jobs/{long}").status_code == 202
+            wait_until(lambda: status(long) == "stopped", timeout=60, what="the canceled job to stop")
             samples = scrape(client)
 
     summary = job_summary(redis_conn, good)
@@ -110,7 +115,9 @@ def test_worker_process_jobs_show_in_api_metrics(oal_env, redis_conn, tmp_path, 
     failed = histogram(samples, "oal_job_duration_seconds", generator=GENERATOR, outcome="failed")
     assert failed["count"] == 1 and failed["sum"] > 0
     outcomes = {dict(labels).get("outcome") for name, labels in samples if name == "oal_job_duration_seconds_count"}
-    assert outcomes == {"finished", "failed"}  # the missing set fails at once: no "retried" attempt
+    assert outcomes == {"finished", "failed", "stopped"}  # the missing set fails at once: no "retried" attempt
+    stopped = histogram(samples, "oal_job_duration_seconds", generator=GENERATOR, outcome="stopped")
+    assert stopped["count"] == 1 and stopped["sum"] > 0
 
 
 @pytest.mark.slow
