@@ -136,6 +136,8 @@ class SynthesisWorker(SimpleWorker):
         if self._attempt_outcome is None:
             return  # RQ's own handling failed before an outcome was known; its log says why
         try:
+            # RQ leaves the attempt's return value on the job in this process (rq 3.0 `_finalize_success`);
+            # reading it back from Redis instead would depend on the result TTL.
             summary = getattr(job, "_result", None) if self._attempt_outcome == "finished" else None
             outliers = summary.get("denoised_samples", 0) if isinstance(summary, dict) else 0
             attempt = JobAttempt(
