@@ -18,6 +18,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +48,17 @@ class StepInfo:
     epoch: int
     step: int  # steps taken so far, over the whole run
     total_steps: int
-    losses: dict[str, float]  # this step's unweighted terms and "loss" (the weighted total)
+    loss_tensors: dict[str, torch.Tensor]  # this step's terms and "loss", detached 0-d tensors on the device
     lr: float  # the student's lr for this step
     samples_per_s: float  # ID images per second since the previous step (all ranks)
+
+    @cached_property
+    def losses(self) -> dict[str, float]:
+        """This step's unweighted terms and "loss" (the weighted total) as numbers.
+
+        Reading them waits for the device to finish the step, so the loop itself never does: only
+        a hook that asks pays that sync (a hook that reads them every Nth step pays it every Nth)."""
+        return {name: float(value) for name, value in self.loss_tensors.items()}
 
 
 @dataclass
@@ -112,11 +121,16 @@ def train_epoch(run: Run, epoch: int, step: int, hooks: FitHooks, log: IntervalL
     ctx = run.ctx
     run.objective.train()
     aux_params = list(run.objective.aux.parameters())
-    epoch_sums: dict[str, float] = {}
+    # Sums stay on the device and the finiteness check is deferred (FiniteWatch): a `.item()` or an
+    # `if` on a device tensor each step would make the host wait for every step before queueing the
+    # next. Numbers come back to the host at the log interval and the epoch's end, in float64 and in
+    # step order, so they are the same floats the per-step `.item()` sums gave.
+    epoch_sums = TensorSums()
+    watch = FiniteWatch()
     last = time.perf_counter()
     for batch in run.batches(epoch):
         losses = run.objective(batch)
-        _check_finite(losses, step, epoch)
+        watch.add(losses, step, epoch)
         for optimizer in run.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         losses.to_backward.backward()
@@ -129,9 +143,8 @@ def train_epoch(run: Run, epoch: int, step: int, hooks: FitHooks, log: IntervalL
             scheduler.step()
         step += 1
 
-        values = losses.values()
-        for name, value in values.items():
-            epoch_sums[name] = epoch_sums.get(name, 0.0) + value
+        values = _detached_values(losses)
+        epoch_sums.add(values)
         samples = len(batch.images) * ctx.world_size
         now = time.perf_counter()
         if ctx.is_main and hooks.on_step:
@@ -139,8 +152,49 @@ def train_epoch(run: Run, epoch: int, step: int, hooks: FitHooks, log: IntervalL
         last = now
         log.add(values, samples)
         if step % run.config.log_interval == 0 or step == run.total_steps:
+            watch.check()  # before anything of these steps is logged
             log.write(epoch, step, lr)
-    return step, {name: value / run.steps_per_epoch for name, value in epoch_sums.items()}
+    watch.check()  # before the epoch's checkpoint is saved
+    return step, {name: value / run.steps_per_epoch for name, value in epoch_sums.floats().items()}
+
+
+class TensorSums:
+    """Per-name sums of 0-d loss tensors, kept on their device in float64 until `floats()`."""
+
+    def __init__(self):
+        self.sums: dict[str, torch.Tensor] = {}
+
+    def add(self, values: dict[str, torch.Tensor]) -> None:
+        for name, value in values.items():
+            value = value.double().reshape(())
+            self.sums[name] = self.sums[name] + value if name in self.sums else value
+
+    def floats(self) -> dict[str, float]:
+        """The sums as numbers: one transfer (one sync) for all of them."""
+        if not self.sums:
+            return {}
+        numbers = torch.stack(list(self.sums.values())).tolist()
+        return dict(zip(self.sums, numbers, strict=True))
+
+
+class FiniteWatch:
+    """The finiteness check of each step's loss, looked at every few steps instead of every step.
+
+    A non-finite loss still stops the run with the step it happened at and that step's terms; the
+    steps after it until the check only touch weights that are then never saved or logged."""
+
+    def __init__(self):
+        self.pending: list[tuple[int, int, StepLosses, torch.Tensor]] = []
+
+    def add(self, losses: StepLosses, step: int, epoch: int) -> None:
+        self.pending.append((step, epoch, _detached(losses), torch.isfinite(losses.to_backward.detach())))
+
+    def check(self) -> None:
+        pending, self.pending = self.pending, []
+        if not pending or bool(torch.stack([finite for *_, finite in pending]).all()):
+            return
+        step, epoch, losses, _ = next(entry for entry in pending if not bool(entry[3]))
+        _raise_not_finite(losses, step, epoch)
 
 
 class IntervalLog:
@@ -151,20 +205,19 @@ class IntervalLog:
         self._reset()
 
     def _reset(self) -> None:
-        self.sums: dict[str, float] = {}
+        self.sums = TensorSums()
         self.steps = 0
         self.samples = 0
         self.started = time.perf_counter()
 
-    def add(self, values: dict[str, float], samples: int) -> None:
-        for name, value in values.items():
-            self.sums[name] = self.sums.get(name, 0.0) + value
+    def add(self, values: dict[str, torch.Tensor], samples: int) -> None:
+        self.sums.add(values)
         self.steps += 1
         self.samples += samples
 
     def write(self, epoch: int, step: int, lr: float) -> None:
         elapsed = time.perf_counter() - self.started
-        means = mean_across_ranks({k: v / self.steps for k, v in self.sums.items()}, self.run.ctx)
+        means = mean_across_ranks({k: v / self.steps for k, v in self.sums.floats().items()}, self.run.ctx)
         rate = self.samples / max(elapsed, 1e-9)
         if self.run.ctx.is_main:
             _log_interval(self.run.run_dir, epoch, step, self.run.total_steps, means, lr, rate)
@@ -193,12 +246,22 @@ def _start(run: Run, hooks: FitHooks) -> None:
         hooks.on_start(run.state.step, run.total_steps)
 
 
-def _check_finite(losses: StepLosses, step: int, epoch: int) -> None:
-    if not torch.isfinite(losses.to_backward):
-        raise FloatingPointError(
-            f"loss is {losses.loss.item()} at step {step} (epoch {epoch}); terms: "
-            + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.terms.items())
-        )
+def _detached_values(losses: StepLosses) -> dict[str, torch.Tensor]:
+    """The numbers a step logs (every term and "loss"), still on the device."""
+    return {**{name: value.detach() for name, value in losses.terms.items()}, "loss": losses.loss.detach()}
+
+
+def _detached(losses: StepLosses) -> StepLosses:
+    """The step's losses without their graphs, so keeping them until the check holds no activations."""
+    terms = {name: value.detach() for name, value in losses.terms.items()}
+    return StepLosses(terms=terms, loss=losses.loss.detach(), q_fit=losses.q_fit.detach())
+
+
+def _raise_not_finite(losses: StepLosses, step: int, epoch: int) -> None:
+    raise FloatingPointError(
+        f"loss is {losses.loss.item()} at step {step} (epoch {epoch}); terms: "
+        + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.terms.items())
+    )
 
 
 def _finish(run: Run, train_seconds: float) -> FitResult:
