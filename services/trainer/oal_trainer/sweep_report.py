@@ -172,6 +172,8 @@ def _paired(cells: dict[str, CellResults], baseline: str) -> dict[str, dict[str,
         if name == baseline:
             continue
         shared = sorted(set(cell.values) & set(base.values))
+        if len(shared) < 2:  # e.g. a one-seed teacher: a pair of one has no interval to report
+            continue
         result[name] = {}
         for key in VERDICT_COLUMNS:
             pairs = [
@@ -248,8 +250,13 @@ def build_sweep_report(
     ]
     if incomplete:
         lines += [f"Runs without metrics yet, left out: {'; '.join(incomplete)}.", ""]
+    unpaired = sorted(
+        {cell.name for cell in cells for by_cell in differences.values() if cell.name not in by_cell} - set(differences)
+    )
     if differences:
         lines += ["## Paired differences", ""]
+        if unpaired:
+            lines += [f"Not paired (fewer than 2 seeds shared with the baseline): {', '.join(unpaired)}.", ""]
         for baseline, by_cell in differences.items():
             lines += [*_difference_table(baseline, by_cell), ""]
         lines += ["## In words", "", *_in_words(differences), ""]
