@@ -57,7 +57,7 @@ DOCUMENTED_CLIS: dict[str, dict[str, set[str]]] = {
 CLI_MODULES = {"oal-synth": "oal_synth.cli", "oal-train": "oal_trainer.cli"}
 HEAVY_DISTRIBUTIONS = {"torch", "torchvision", "diffusers", "transformers"}
 SHARED_PATH_SETTINGS = ("shard_root", "artifact_dir", "generator_root")
-# What `oal-synth serve` imports in the API image (SPEC section 4: the API process never imports torch).
+# What `oal-synth serve` imports in the API image (docs/ARCHITECTURE.md: the API process never imports torch).
 API_PATH_MODULES = ("oal_synth.cli", "oal_synth.api.app", "oal_synth.queue", "oal_synth.store")
 
 # ---------------------------------------------------------------- reading the files
