@@ -6,6 +6,12 @@ same noise draws, and the script checks they keep the same outliers before it re
 
     .venv/bin/python benchmarks/bench_sampler.py            # paper sizes: N=500, K=300, 50 x 1500
     .venv/bin/python benchmarks/bench_sampler.py --dim 768  # SD v1.4's token dimension
+    .venv/bin/python benchmarks/bench_sampler.py --backends --json artifacts/bench/sampler_backends.json
+
+`--backends` compares the k-NN backends (`sampler.knn_backend`: torch, faiss) instead: one class
+of N = 500 and 5,000 points at D = 64 and 768, the paper's sampler settings, the two backends
+interleaved (torch, faiss, torch, faiss, ...) so load drifts cancel in the ratio, and whether they
+kept the same outliers.
 """
 
 from __future__ import annotations
@@ -54,6 +60,51 @@ def timed(fn):
     return result, time.perf_counter() - started
 
 
+def compare_backends(args) -> None:
+    """torch vs faiss k-NN over a grid of class sizes and dimensions, interleaved; best of `repeats`."""
+    import faiss  # noqa: F401  (fails here, with its name, when the extra is missing)
+
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+    rows = []
+    for points in (500, 5000):
+        for dim in (64, 768):
+            embeddings = torch.randn(points, dim, generator=torch.Generator().manual_seed(0))
+            configs = {
+                name: SamplerConfig(n_candidates=args.candidates, knn_backend=name) for name in ("torch", "faiss")
+            }
+            seconds: dict[str, list[float]] = {name: [] for name in configs}
+            outliers = {}
+            for _ in range(args.repeats):
+                for name, config in configs.items():
+                    result, took = timed(
+                        lambda c=config, e=embeddings: sample_class_outliers(e, c, torch.Generator().manual_seed(1), 0)
+                    )
+                    seconds[name].append(took)
+                    outliers[name] = result
+            same_boundary = torch.equal(outliers["torch"].boundary_index, outliers["faiss"].boundary_index)
+            same = same_boundary and torch.allclose(
+                outliers["torch"].embeddings, outliers["faiss"].embeddings, atol=1e-6
+            )
+            row = {
+                "points": points, "dim": dim, "torch_s": min(seconds["torch"]), "faiss_s": min(seconds["faiss"]),
+                "torch_s_all": seconds["torch"], "faiss_s_all": seconds["faiss"], "same_outliers": same,
+            }  # fmt: skip
+            row["faiss_speedup"] = row["torch_s"] / row["faiss_s"]
+            rows.append(row)
+            print(
+                f"N={points:>5} D={dim:>3}: torch {row['torch_s']:.3f} s, faiss {row['faiss_s']:.3f} s, "
+                f"torch/faiss {row['faiss_speedup']:.2f}x, same outliers: {same}"
+            )
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
+    print(f"load {' '.join(load_before)} -> {' '.join(load_after)}; {args.threads} threads")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "k": 300, "select": 50, "n_candidates": args.candidates, "threads": args.threads,
+            "repeats": args.repeats, "loadavg_before": load_before, "loadavg_after": load_after, "rows": rows,
+        }, indent=2))  # fmt: skip
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--points", type=int, default=500, help="class set size N")
@@ -61,8 +112,13 @@ def main() -> None:
     parser.add_argument("--candidates", type=int, default=1500, help="n_candidates per boundary point")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--json", type=Path, help="also write the numbers here")
+    parser.add_argument("--backends", action="store_true", help="compare the torch and faiss k-NN backends")
+    parser.add_argument("--repeats", type=int, default=2, help="timed runs per backend (--backends)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    if args.backends:
+        compare_backends(args)
+        return
     config = SamplerConfig(n_candidates=args.candidates)
     embeddings = torch.randn(args.points, args.dim, generator=torch.Generator().manual_seed(0))
 

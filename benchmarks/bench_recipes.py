@@ -1,0 +1,212 @@
+"""Training-step cost per recipe, side by side, with where each step's time goes.
+
+Every recipe is built with the trainer's own run builder (`oal_trainer.run.build_run`) on the
+embedded benchmark slice, the same student, batch size and thread count, and stepped as the fit
+loop steps it (objective, one backward, one SGD and one schedule step per trained part). Outliers
+come from real test shards with the embedded generator's shapes (4x8x8 latents, 64-d embeddings),
+decoded by a tiny random VAE for pixel-oe. The variants are interleaved: each round runs a few
+steps of every variant in turn, so a load drift on the shared machine hits them all alike; the
+per-step figure is the median over rounds.
+
+A step is split into timed sections (plain timers: CPU only; on a GPU each section would need a
+synchronize):
+
+- data: the ID batch from the loader, augmentation, outlier fetch (Run.batches, less the two below);
+- teacher: the teacher's logits and features (a cache lookup, or a forward with --teacher-mode live);
+- decode: latents -> images for pixel-oe (per_step; a cache lookup with precompute);
+- student: the student's forward (ID images, plus decoded outliers for pixel-oe);
+- club: the CLUB bounds and q-fits (forward only; their backward is in `backward`);
+- losses: the rest of the objective (CE, KD, energy/OE terms);
+- backward: backward pass, optimiser and schedule steps.
+
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_recipes.py --json artifacts/bench/recipes.json
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_recipes.py --rounds 3 --steps 2   # quicker
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tests.utils: test shards, tiny VAE
+
+from oal_shared.settings import Settings  # noqa: E402
+from oal_trainer.fit import fit  # noqa: E402
+from oal_trainer.recipes import resolve_config  # noqa: E402
+from oal_trainer.run import Run, build_run  # noqa: E402
+from tests.utils.trainer_runs import write_test_shards, write_tiny_vae  # noqa: E402
+
+SECTIONS = ("data", "teacher", "decode", "student", "club", "losses", "backward")
+# name -> (recipe, extra config keys)
+VARIANTS = {
+    "ce": ("ce", {}),
+    "kd": ("kd", {}),
+    "oal": ("oal", {}),
+    "oal-energy": ("oal-energy", {}),
+    "pixel-oe per_step": ("pixel-oe", {"pixel_decode": "per_step"}),
+    "pixel-oe precompute": ("pixel-oe", {"pixel_decode": "precompute"}),
+}
+
+
+class Sections:
+    """Seconds per named section of the current step, by wrapping the callables a step goes through."""
+
+    def __init__(self):
+        self.current: dict[str, float] = defaultdict(float)
+
+    def wrap(self, name: str, fn):
+        def timed(*args, **kwargs):
+            started = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.current[name] += time.perf_counter() - started
+
+        return timed
+
+    def take(self) -> dict[str, float]:
+        out, self.current = dict(self.current), defaultdict(float)
+        return out
+
+
+def instrument(run: Run, sections: Sections) -> None:
+    """Time the teacher, the decoder and the objective's parts of `run` (instance attributes only)."""
+    if run.teacher is not None:
+        object.__setattr__(run.teacher, "outputs", sections.wrap("teacher", run.teacher.outputs))
+    if run.pixels is not None:
+        object.__setattr__(run.pixels, "images", sections.wrap("decode", run.pixels.images))
+    objective = run.objective
+    objective._student = sections.wrap("student", objective._student)
+    objective._micl = sections.wrap("club", objective._micl)
+
+
+class Stepper:
+    """One variant's run, stepped as the fit loop steps it; its batches restart each epoch."""
+
+    def __init__(self, run: Run):
+        self.run = run
+        self.sections = Sections()
+        instrument(run, self.sections)
+        self.epoch = 0
+        self.batches = run.batches(0)
+        run.objective.train()
+
+    def _next_batch(self):
+        try:
+            return next(self.batches)
+        except StopIteration:
+            self.epoch += 1
+            self.batches = self.run.batches(self.epoch)
+            return next(self.batches)
+
+    def step(self) -> dict[str, float]:
+        run = self.run
+        started = time.perf_counter()
+        batch = self._next_batch()
+        fetched = time.perf_counter()
+        losses = run.objective(batch)
+        computed = time.perf_counter()
+        for optimizer in run.optimizers.values():
+            optimizer.zero_grad(set_to_none=True)
+        losses.to_backward.backward()
+        for optimizer in run.optimizers.values():
+            optimizer.step()
+        for scheduler in run.schedulers.values():
+            scheduler.step()
+        done = time.perf_counter()
+        parts = self.sections.take()
+        inside_data = parts.get("teacher", 0.0) + parts.get("decode", 0.0)
+        inside_objective = parts.get("student", 0.0) + parts.get("club", 0.0)
+        # pixel-oe's decode of a precomputed cache happens in the data step too; both are split out.
+        return {
+            **{name: parts.get(name, 0.0) for name in ("teacher", "decode", "student", "club")},
+            "data": fetched - started - inside_data,
+            "losses": computed - fetched - inside_objective,
+            "backward": done - computed,
+            "total": done - started,
+        }
+
+
+def build_world(root: Path, args) -> tuple[Settings, dict]:
+    settings = Settings(artifact_dir=root / "artifacts", torch_threads=args.threads)
+    generator = write_tiny_vae(root / "generator")
+    shards = write_test_shards(root / "shards", num_shards=2, per_shard=4 * args.batch, generator_dir=generator)
+    common = {"model": args.model, "train_subset": args.train_subset, "threads": args.threads, "evaluate": False}
+    teacher = resolve_config("ce", overrides=[f"{k}={v}" for k, v in {**common, "epochs": 1}.items()])
+    fit(teacher, root / "teacher", settings=settings)
+    inputs = {"teacher_run": root / "teacher", "init_from": root / "teacher", "shards": shards}
+    inputs["generator_dir"] = generator
+    return settings, {**common, **inputs, "batch_size": args.batch, "epochs": 1000}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="resnet_small", help="student (and teacher) architecture")
+    parser.add_argument("--batch", type=int, default=128, help="ID images per step (the demo's)")
+    parser.add_argument("--train-subset", type=int, default=1024)
+    parser.add_argument("--rounds", type=int, default=5, help="rounds over all variants")
+    parser.add_argument("--steps", type=int, default=3, help="steps of each variant per round (after 2 warm-up)")
+    parser.add_argument("--teacher-mode", choices=("cache", "live"), default="cache")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", type=Path, help="also write the numbers here")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    load_before = Path("/proc/loadavg").read_text().split()[:3]
+
+    with tempfile.TemporaryDirectory(prefix="bench-recipes-") as tmp:
+        root = Path(tmp)
+        settings, common = build_world(root, args)
+        steppers = {}
+        for name, (recipe, extra) in VARIANTS.items():
+            values = {**common, **extra}
+            if recipe != "ce":
+                values["teacher_mode"] = args.teacher_mode
+            else:
+                values.pop("teacher_run"), values.pop("init_from")
+            config = resolve_config(recipe, overrides=[f"{k}={v}" for k, v in values.items()])
+            steppers[name] = Stepper(build_run(config, root / name.replace(" ", "-"), settings))
+        for stepper in steppers.values():  # warm-up: first calls allocate and choose kernels
+            stepper.step(), stepper.step()
+        per_round: dict[str, list[dict[str, float]]] = {name: [] for name in steppers}
+        for _ in range(args.rounds):
+            for name, stepper in steppers.items():
+                steps = [stepper.step() for _ in range(args.steps)]
+                per_round[name].append({key: statistics.fmean(s[key] for s in steps) for key in steps[0]})
+    load_after = Path("/proc/loadavg").read_text().split()[:3]
+
+    results = {}
+    for name, rounds in per_round.items():
+        median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
+        results[name] = {"step_s": median["total"], "sections_s": {k: median[k] for k in SECTIONS}}
+    ce = results["ce"]["step_s"]
+    for row in results.values():
+        row["ratio_to_ce"] = row["step_s"] / ce
+        row["dominant"] = max(row["sections_s"], key=row["sections_s"].get)
+
+    header = f"{'variant':<20} {'s/step':>7} {'x ce':>5} " + " ".join(f"{s:>8}" for s in SECTIONS)
+    print(f"{args.model}, batch {args.batch}, {args.threads} threads, teacher {args.teacher_mode}; "
+          f"load {' '.join(load_before)} -> {' '.join(load_after)}")  # fmt: skip
+    print(header)
+    for name, row in results.items():
+        cells = " ".join(f"{row['sections_s'][s] * 1000:8.1f}" for s in SECTIONS)
+        print(f"{name:<20} {row['step_s']:7.3f} {row['ratio_to_ce']:5.2f} {cells}")
+    print("(sections in ms per step; medians over rounds)")
+    if args.json:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps({
+            "model": args.model, "batch": args.batch, "threads": args.threads, "rounds": args.rounds,
+            "steps_per_round": args.steps, "teacher_mode": args.teacher_mode,
+            "loadavg_before": load_before, "loadavg_after": load_after, "variants": results,
+        }, indent=2))  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
