@@ -279,7 +279,7 @@ def _finish(run: Run, train_seconds: float) -> FitResult:
     eval_start = time.perf_counter()
     metrics, files = None, {}
     if config.evaluate:
-        metrics, files = evaluate_run(run.student, benchmark, config, run.ctx.device, run_dir)
+        metrics, files = evaluate_run(run.student, benchmark, config, run.ctx.device, run_dir, settings=run.settings)
     run_info = {
         "benchmark": {
             "name": benchmark.name,
@@ -299,6 +299,11 @@ def _finish(run: Run, train_seconds: float) -> FitResult:
         "world_size": run.ctx.world_size,
         "device": str(run.ctx.device),
         "seeds": run_seeds(run),
+        "skipped_images": {
+            image_set.name: len(image_set.skipped_files)
+            for image_set in (benchmark.id_train, benchmark.id_test, *benchmark.ood_sets())
+            if getattr(image_set, "skipped_files", None)
+        },
         "teacher": _run_ref(run.teacher.run if run.teacher is not None else None),
         "init_from": _run_ref(run.init_run),
         "outliers": run.outliers.record() if run.outliers is not None else None,
@@ -310,7 +315,13 @@ def _finish(run: Run, train_seconds: float) -> FitResult:
 
 
 def evaluate_run(
-    model: nn.Module, benchmark, config: TrainConfig, device: torch.device, run_dir: Path
+    model: nn.Module,
+    benchmark,
+    config: TrainConfig,
+    device: torch.device,
+    run_dir: Path,
+    *,
+    settings: Settings | None = None,
 ) -> tuple[dict[str, Any], dict[str, Path]]:
     """Stage E on the (sliced) benchmark with the run's scorers; writes metrics.json and friends.
 
@@ -323,7 +334,14 @@ def evaluate_run(
     eval_benchmark = slice_benchmark(benchmark, config.eval_subset, config.seed)
     fit_set = None
     if needs_fit(config.eval_scorers):
-        fit_set = id_train_set(benchmark, config.train_subset, config.effective_data_seed)
+        settings = settings or get_settings()  # held or streamed as in training: a large set is not held
+        fit_set = id_train_set(
+            benchmark,
+            config.train_subset,
+            config.effective_data_seed,
+            in_memory_max_bytes=settings.id_in_memory_max_mb * 2**20,
+            stream_workers=settings.id_stream_workers,
+        )
     result = evaluate_model(
         model,
         eval_benchmark,

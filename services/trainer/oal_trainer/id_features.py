@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from oal_trainer.checkpoint import CheckpointError, read_safetensors, save_safetensors
+from oal_trainer.data.streamed import StreamedImages
 from oal_trainer.scorers import IDFeatures
 from oal_trainer.teacher import compute_teacher_outputs
 
@@ -31,9 +32,13 @@ def features_key(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -
     for name, tensor in model.state_dict().items():
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    for tensor in (images, labels):
-        digest.update(str(tuple(tensor.shape)).encode())
-        digest.update(tensor.contiguous().numpy().tobytes())
+    if isinstance(images, StreamedImages):  # image files: their fingerprint, not a tensor held in memory
+        digest.update(images.fingerprint().encode())
+    else:
+        digest.update(str(tuple(images.shape)).encode())
+        digest.update(images.contiguous().numpy().tobytes())
+    digest.update(str(tuple(labels.shape)).encode())
+    digest.update(labels.contiguous().numpy().tobytes())
     return digest.hexdigest()
 
 

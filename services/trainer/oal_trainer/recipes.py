@@ -49,7 +49,9 @@ class TrainConfig(BaseModel):
     # What is trained on what
     recipe: Literal["ce", "kd", "oal", "oal-energy", "pixel-oe"] = Field("ce", description="Recipe name.")
     preset: Literal["smoke", "demo", "full"] | None = Field(None, description="Preset applied, if any.")
-    benchmark: str = Field("fmnist-osr", description="Benchmark id (oal_shared.data.benchmark.BENCHMARKS).")
+    benchmark: str = Field(
+        "fmnist-osr", description="Benchmark id (oal_shared.data.benchmark.BENCHMARKS) or a benchmark .toml/.json file."
+    )
     model: str = Field("resnet_small", description="Student architecture (oal_trainer.models.MODEL_NAMES).")
     seed: int = Field(
         0, ge=0, description="Seeds the weights this run initialises, and data_seed / outlier_seed when they are null."
@@ -66,7 +68,9 @@ class TrainConfig(BaseModel):
     augment: bool = Field(True, description="Random crop with padding and horizontal flip on ID train images.")
     crop_padding: int = Field(2, ge=0, le=16, description="Zero padding (pixels) before the random crop.")
     hflip: bool = Field(True, description="Random horizontal flip (p=0.5) when augment is on.")
-    num_workers: int = Field(0, ge=0, description="DataLoader workers for ID data (tensors are in memory).")
+    num_workers: int = Field(
+        0, ge=0, description="DataLoader workers for held ID tensors (streamed sets use OAL_ID_STREAM_WORKERS)."
+    )
 
     # Optimisation (docs/METHOD.md, Stage D: SGD nesterov, momentum 0.9, wd 5e-4, cosine per step)
     epochs: int = Field(100, ge=1, description="Passes over the ID train set.")

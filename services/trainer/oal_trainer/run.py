@@ -133,6 +133,7 @@ class Run:
     optimizers: dict[str, torch.optim.Optimizer]  # one SGD per trained part, "student" first
     schedulers: dict[str, LRScheduler]  # same keys
     state: TrainingState
+    settings: Settings | None = None  # the deployment settings the run was built with (evaluation reuses them)
 
     @property
     def total_steps(self) -> int:
@@ -281,6 +282,7 @@ def build_run(config: TrainConfig, run_dir: Path, settings: Settings) -> Run:
         optimizers=optimizers,
         schedulers=schedulers,
         state=TrainingState(epoch=0, step=0),
+        settings=settings,
     )
     if run.checkpoint_path.exists():
         run.state = load_checkpoint(run.checkpoint_path, run.modules, optimizers, config.resume_key(), schedulers)
