@@ -8,8 +8,10 @@ decoded by a tiny random VAE for pixel-oe. The variants are interleaved: each ro
 steps of every variant in turn, so a load drift on the shared machine hits them all alike; the
 per-step figure is the median over rounds.
 
-A step is split into timed sections (plain timers: CPU only; on a GPU each section would need a
-synchronize):
+On a shared machine wall time swings with the other processes' load; `--clock cpu` times every
+section with the process's CPU time instead (time.process_time: with `--threads 1` that is the
+work the step did, whatever else runs). A step is split into timed sections (plain timers: CPU
+only; on a GPU each section would need a synchronize):
 
 - data: the ID batch from the loader, augmentation, outlier fetch (Run.batches, less the two below);
 - teacher: the teacher's logits and features (a cache lookup, or a forward with --teacher-mode live);
@@ -20,7 +22,7 @@ synchronize):
 - backward: backward pass, optimiser and schedule steps.
 
     PYTHONPATH=. .venv/bin/python benchmarks/bench_recipes.py --json artifacts/bench/recipes.json
-    PYTHONPATH=. .venv/bin/python benchmarks/bench_recipes.py --rounds 3 --steps 2   # quicker
+    PYTHONPATH=. .venv/bin/python benchmarks/bench_recipes.py --threads 1 --clock cpu  # on a loaded machine
 """
 
 from __future__ import annotations
@@ -44,6 +46,8 @@ from oal_trainer.recipes import resolve_config  # noqa: E402
 from oal_trainer.run import Run, build_run  # noqa: E402
 from tests.utils.trainer_runs import write_test_shards, write_tiny_vae  # noqa: E402
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+clock = time.perf_counter  # set by --clock
 SECTIONS = ("data", "teacher", "decode", "student", "club", "losses", "backward")
 # name -> (recipe, extra config keys)
 VARIANTS = {
@@ -64,11 +68,11 @@ class Sections:
 
     def wrap(self, name: str, fn):
         def timed(*args, **kwargs):
-            started = time.perf_counter()
+            started = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.current[name] += time.perf_counter() - started
+                self.current[name] += clock() - started
 
         return timed
 
@@ -109,11 +113,11 @@ class Stepper:
 
     def step(self) -> dict[str, float]:
         run = self.run
-        started = time.perf_counter()
+        started = clock()
         batch = self._next_batch()
-        fetched = time.perf_counter()
+        fetched = clock()
         losses = run.objective(batch)
-        computed = time.perf_counter()
+        computed = clock()
         for optimizer in run.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
         losses.to_backward.backward()
@@ -121,7 +125,7 @@ class Stepper:
             optimizer.step()
         for scheduler in run.schedulers.values():
             scheduler.step()
-        done = time.perf_counter()
+        done = clock()
         parts = self.sections.take()
         inside_data = parts.get("teacher", 0.0) + parts.get("decode", 0.0)
         inside_objective = parts.get("student", 0.0) + parts.get("club", 0.0)
@@ -156,8 +160,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3, help="steps of each variant per round (after 2 warm-up)")
     parser.add_argument("--teacher-mode", choices=("cache", "live"), default="cache")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--clock", choices=tuple(CLOCKS), default="wall", help="wall time or process CPU time")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
+    global clock
+    clock = CLOCKS[args.clock]
     torch.set_num_threads(args.threads)
     load_before = Path("/proc/loadavg").read_text().split()[:3]
 
@@ -176,34 +183,44 @@ def main() -> None:
         for stepper in steppers.values():  # warm-up: first calls allocate and choose kernels
             stepper.step(), stepper.step()
         per_round: dict[str, list[dict[str, float]]] = {name: [] for name in steppers}
-        for _ in range(args.rounds):
-            for name, stepper in steppers.items():
-                steps = [stepper.step() for _ in range(args.steps)]
+        names = list(steppers)
+        for index in range(args.rounds):
+            # Each round starts at the next variant, so no variant always runs right after another.
+            for name in names[index % len(names) :] + names[: index % len(names)]:
+                steps = [steppers[name].step() for _ in range(args.steps)]
                 per_round[name].append({key: statistics.fmean(s[key] for s in steps) for key in steps[0]})
     load_after = Path("/proc/loadavg").read_text().split()[:3]
 
     results = {}
     for name, rounds in per_round.items():
         median = {key: statistics.median(r[key] for r in rounds) for key in rounds[0]}
-        results[name] = {"step_s": median["total"], "sections_s": {k: median[k] for k in SECTIONS}}
+        results[name] = {
+            "step_s": median["total"],
+            "step_s_rounds": [r["total"] for r in rounds],
+            "sections_s": {k: median[k] for k in SECTIONS},
+        }
     ce = results["ce"]["step_s"]
     for row in results.values():
         row["ratio_to_ce"] = row["step_s"] / ce
+        # The same ratio round by round (neighbouring runs share the load): its spread shows the noise.
+        ce_rounds = results["ce"]["step_s_rounds"]
+        row["ratio_to_ce_rounds"] = [a / b for a, b in zip(row["step_s_rounds"], ce_rounds, strict=True)]
         row["dominant"] = max(row["sections_s"], key=row["sections_s"].get)
 
     header = f"{'variant':<20} {'s/step':>7} {'x ce':>5} " + " ".join(f"{s:>8}" for s in SECTIONS)
-    print(f"{args.model}, batch {args.batch}, {args.threads} threads, teacher {args.teacher_mode}; "
+    print(f"{args.model}, batch {args.batch}, {args.threads} threads, {args.clock} clock, teacher {args.teacher_mode}; "
           f"load {' '.join(load_before)} -> {' '.join(load_after)}")  # fmt: skip
     print(header)
     for name, row in results.items():
         cells = " ".join(f"{row['sections_s'][s] * 1000:8.1f}" for s in SECTIONS)
-        print(f"{name:<20} {row['step_s']:7.3f} {row['ratio_to_ce']:5.2f} {cells}")
+        spread = f"{min(row['ratio_to_ce_rounds']):.2f}-{max(row['ratio_to_ce_rounds']):.2f}"
+        print(f"{name:<20} {row['step_s']:7.3f} {row['ratio_to_ce']:5.2f} {cells}  (rounds {spread})")
     print("(sections in ms per step; medians over rounds)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
             "model": args.model, "batch": args.batch, "threads": args.threads, "rounds": args.rounds,
-            "steps_per_round": args.steps, "teacher_mode": args.teacher_mode,
+            "steps_per_round": args.steps, "teacher_mode": args.teacher_mode, "clock": args.clock,
             "loadavg_before": load_before, "loadavg_after": load_after, "variants": results,
         }, indent=2))  # fmt: skip
 
