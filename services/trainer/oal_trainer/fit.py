@@ -29,8 +29,8 @@ from oal_shared.settings import Settings, get_settings
 from oal_trainer.checkpoint import CONFIG_FILE, MODEL_FILE, TrainingState, save_weights
 from oal_trainer.data import id_train_set, slice_benchmark
 from oal_trainer.distributed import DistContext, barrier, check_replicas_agree, mean_across_ranks, shutdown
+from oal_trainer.loss_sums import FiniteWatch, TensorSums, detached_values
 from oal_trainer.models import count_parameters
-from oal_trainer.objective import StepLosses
 from oal_trainer.recipes import TrainConfig, save_config
 from oal_trainer.run import Run, build_run
 from oal_trainer.teacher import LoadedRun
@@ -143,7 +143,7 @@ def train_epoch(run: Run, epoch: int, step: int, hooks: FitHooks, log: IntervalL
             scheduler.step()
         step += 1
 
-        values = _detached_values(losses)
+        values = detached_values(losses)
         epoch_sums.add(values)
         samples = len(batch.images) * ctx.world_size
         now = time.perf_counter()
@@ -156,45 +156,6 @@ def train_epoch(run: Run, epoch: int, step: int, hooks: FitHooks, log: IntervalL
             log.write(epoch, step, lr)
     watch.check()  # before the epoch's checkpoint is saved
     return step, {name: value / run.steps_per_epoch for name, value in epoch_sums.floats().items()}
-
-
-class TensorSums:
-    """Per-name sums of 0-d loss tensors, kept on their device in float64 until `floats()`."""
-
-    def __init__(self):
-        self.sums: dict[str, torch.Tensor] = {}
-
-    def add(self, values: dict[str, torch.Tensor]) -> None:
-        for name, value in values.items():
-            value = value.double().reshape(())
-            self.sums[name] = self.sums[name] + value if name in self.sums else value
-
-    def floats(self) -> dict[str, float]:
-        """The sums as numbers: one transfer (one sync) for all of them."""
-        if not self.sums:
-            return {}
-        numbers = torch.stack(list(self.sums.values())).tolist()
-        return dict(zip(self.sums, numbers, strict=True))
-
-
-class FiniteWatch:
-    """The finiteness check of each step's loss, looked at every few steps instead of every step.
-
-    A non-finite loss still stops the run with the step it happened at and that step's terms; the
-    steps after it until the check only touch weights that are then never saved or logged."""
-
-    def __init__(self):
-        self.pending: list[tuple[int, int, StepLosses, torch.Tensor]] = []
-
-    def add(self, losses: StepLosses, step: int, epoch: int) -> None:
-        self.pending.append((step, epoch, _detached(losses), torch.isfinite(losses.to_backward.detach())))
-
-    def check(self) -> None:
-        pending, self.pending = self.pending, []
-        if not pending or bool(torch.stack([finite for *_, finite in pending]).all()):
-            return
-        step, epoch, losses, _ = next(entry for entry in pending if not bool(entry[3]))
-        _raise_not_finite(losses, step, epoch)
 
 
 class IntervalLog:
@@ -244,24 +205,6 @@ def _start(run: Run, hooks: FitHooks) -> None:
     )
     if hooks.on_start:
         hooks.on_start(run.state.step, run.total_steps)
-
-
-def _detached_values(losses: StepLosses) -> dict[str, torch.Tensor]:
-    """The numbers a step logs (every term and "loss"), still on the device."""
-    return {**{name: value.detach() for name, value in losses.terms.items()}, "loss": losses.loss.detach()}
-
-
-def _detached(losses: StepLosses) -> StepLosses:
-    """The step's losses without their graphs, so keeping them until the check holds no activations."""
-    terms = {name: value.detach() for name, value in losses.terms.items()}
-    return StepLosses(terms=terms, loss=losses.loss.detach(), q_fit=losses.q_fit.detach())
-
-
-def _raise_not_finite(losses: StepLosses, step: int, epoch: int) -> None:
-    raise FloatingPointError(
-        f"loss is {losses.loss.item()} at step {step} (epoch {epoch}); terms: "
-        + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.terms.items())
-    )
 
 
 def _finish(run: Run, train_seconds: float) -> FitResult:
