@@ -94,7 +94,7 @@ def fit(
     if config.tensorboard and run.ctx.is_main:
         from oal_trainer.tensorboard_log import tensorboard_hooks
 
-        hooks = tensorboard_hooks(run.run_dir, hooks)
+        hooks = tensorboard_hooks(run.run_dir, hooks, every=run.config.log_interval)
     _start(run, hooks)
     log = IntervalLog(run)
     step = run.state.step

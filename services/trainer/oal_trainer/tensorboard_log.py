@@ -48,8 +48,9 @@ def open_writer(run_dir: Path, start_step: int):
 class TensorBoardLog:
     """The writer's side of the fit loop; one instance per run, on rank 0 only."""
 
-    def __init__(self, run_dir: Path):
+    def __init__(self, run_dir: Path, every: int = 1):
         self.run_dir = Path(run_dir)
+        self.every = max(1, every)  # the run's log_interval: reading a step's losses syncs the device
         self.writer = None
         self.step = 0
 
@@ -59,7 +60,7 @@ class TensorBoardLog:
 
     def on_step(self, info: StepInfo) -> None:
         self.step = info.step
-        if self.writer is None:
+        if self.writer is None or info.step % self.every:
             return
         for name, value in info.losses.items():
             self.writer.add_scalar(f"loss/{name}", value, info.step)
@@ -129,11 +130,11 @@ def _unit_interval(scores: np.ndarray) -> np.ndarray:
     return (scores - low) / (high - low) if high > low else np.full_like(scores, 0.5)
 
 
-def tensorboard_hooks(run_dir: Path, hooks: FitHooks) -> FitHooks:
-    """`hooks` with a TensorBoardLog called after each of them."""
+def tensorboard_hooks(run_dir: Path, hooks: FitHooks, every: int = 1) -> FitHooks:
+    """`hooks` with a TensorBoardLog called after each of them; step scalars every `every` steps."""
     from oal_trainer.fit import FitHooks
 
-    log = TensorBoardLog(run_dir)
+    log = TensorBoardLog(run_dir, every)
 
     def chain(first, second):
         if first is None:
