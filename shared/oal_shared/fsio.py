@@ -21,23 +21,11 @@ def _naming(target: Path, exc: OSError) -> OSError:
 def atomic_file(target: Path) -> Iterator[BinaryIO]:
     """Write through a hidden temp file in the target's folder, renamed onto the target on success.
 
-    Data and rename are fsynced; on any error the temp file goes and the target is untouched.
+    Data and rename are fsynced; on any error the temp file goes and the target is untouched
+    (`atomic_path` does all of that; this only opens the temp file for the caller).
     """
-    tmp = target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(tmp, "xb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, target)
-    except OSError as exc:
-        named = _naming(target, exc)
-        if named is exc:
-            raise
-        raise named from exc
-    finally:
-        tmp.unlink(missing_ok=True)  # gone already after a successful rename
-    fsync_dir(target.parent)
+    with atomic_path(target) as tmp, open(tmp, "xb") as handle:
+        yield handle
 
 
 def atomic_write_bytes(target: Path, data: bytes) -> None:
@@ -56,7 +44,8 @@ def fsync_dir(directory: Path) -> None:
 
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
-    """`atomic_file` for writers that want a filename, not a handle (safetensors' `save_file`).
+    """The one atomic write: for writers that want a filename (safetensors' `save_file`); `atomic_file`
+    wraps it for writers that want a handle.
 
     Yields a hidden temp path in the target's folder; once the block has written it, the file is
     fsynced and renamed onto the target. On any error the temp file goes and the target is untouched.
