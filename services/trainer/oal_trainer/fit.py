@@ -27,12 +27,12 @@ from torch import nn
 
 from oal_shared.settings import Settings, get_settings
 from oal_trainer.checkpoint import CONFIG_FILE, MODEL_FILE, TrainingState, save_weights
-from oal_trainer.data import id_train_set, slice_benchmark
+from oal_trainer.data import slice_benchmark
 from oal_trainer.distributed import DistContext, barrier, check_replicas_agree, mean_across_ranks, shutdown
 from oal_trainer.loss_sums import FiniteWatch, TensorSums, detached_values
 from oal_trainer.models import count_parameters
 from oal_trainer.recipes import TrainConfig, save_config
-from oal_trainer.run import Run, build_run
+from oal_trainer.run import Run, build_run, run_train_set
 from oal_trainer.teacher import LoadedRun
 
 logger = logging.getLogger(__name__)
@@ -277,14 +277,8 @@ def evaluate_run(
     eval_benchmark = slice_benchmark(benchmark, config.eval_subset, config.seed)
     fit_set = None
     if needs_fit(config.eval_scorers):
-        settings = settings or get_settings()  # held or streamed as in training: a large set is not held
-        fit_set = id_train_set(
-            benchmark,
-            config.train_subset,
-            config.effective_data_seed,
-            in_memory_max_bytes=settings.id_in_memory_max_mb * 2**20,
-            stream_workers=settings.id_stream_workers,
-        )
+        # held or streamed exactly as in training, so a large set is not held for the detectors either
+        fit_set = run_train_set(benchmark, config, settings or get_settings())
     result = evaluate_model(
         model,
         eval_benchmark,

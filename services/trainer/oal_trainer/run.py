@@ -207,6 +207,17 @@ def rank0_first(ctx: DistContext, build: Callable[[bool], Any]) -> Any:
     return result if ctx.is_main else build(False)
 
 
+def run_train_set(benchmark: Benchmark, config: TrainConfig, settings: Settings) -> IDTrainSet:
+    """The run's ID training rows (seeded subset), held or streamed as the settings size them."""
+    return id_train_set(
+        benchmark,
+        config.train_subset,
+        config.effective_data_seed,
+        in_memory_max_bytes=settings.id_in_memory_max_mb * 2**20,
+        stream_workers=settings.id_stream_workers,
+    )
+
+
 def build_run(config: TrainConfig, run_dir: Path, settings: Settings) -> Run:
     """Everything a run needs, in the order that keeps weight initialisation under the seed."""
     # Where we run
@@ -228,13 +239,7 @@ def build_run(config: TrainConfig, run_dir: Path, settings: Settings) -> Run:
 
     # Data
     benchmark = load_benchmark(config.benchmark, settings)
-    train = id_train_set(
-        benchmark,
-        config.train_subset,
-        config.effective_data_seed,
-        in_memory_max_bytes=settings.id_in_memory_max_mb * 2**20,
-        stream_workers=settings.id_stream_workers,
-    )
+    train = run_train_set(benchmark, config, settings)
     steps_per_ep = steps_per_epoch(len(train), config.batch_size, ctx.world_size)
     if steps_per_ep < 1:
         raise ConfigError(
