@@ -139,6 +139,10 @@ set = {{ lr = 0.005, augment = false }}
     assert (out / "sweep_report.md").is_file() and (out / "sweep_report.png").stat().st_size > 0
     header = (out / "sweep_results.csv").read_text().splitlines()[0]
     assert header.startswith("cell,dataset,FPR@95,AUROC,AUPR_IN,AUPR_OUT,ACC,seeds")
+    elsewhere = build_sweep_report(out, ["ce"], out_dir=tmp_path / "report")
+    assert set(elsewhere.paths.values()) == {
+        tmp_path / "report" / name for name in ("sweep_report.md", "sweep_results.csv", "sweep_report.png")
+    }
 
 
 def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path):

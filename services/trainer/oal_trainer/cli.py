@@ -188,7 +188,7 @@ def report(
     from oal_trainer.sweep_report import build_sweep_report, is_sweep_dir
 
     if len(run_dirs) == 1 and is_sweep_dir(run_dirs[0]):
-        result = build_sweep_report(run_dirs[0], baseline or [], scorer=scorer)
+        result = build_sweep_report(run_dirs[0], baseline or [], scorer=scorer, out_dir=out)
     else:
         if baseline:
             raise ConfigError("--baseline: only for a sweep folder (one made by `oal-train sweep`)")

@@ -1,6 +1,6 @@
 """`oal-train report SWEEP_DIR --baseline ce`: a sweep's results over seeds, with intervals and paired tests.
 
-Writes into the sweep folder:
+Writes into the sweep folder (or `--out`):
   sweep_report.md    per cell: mean and 95% interval over seeds; per baseline: paired differences
                      (same seed), their t and bootstrap intervals, Wilcoxon p, and a verdict in words
   sweep_report.png   bars with 95% error bars for the headline metrics
@@ -222,8 +222,14 @@ def _write_csv(path: Path, cells: Sequence[CellResults]) -> Path:
 
 
 def build_sweep_report(
-    sweep_dir: Path, baselines: Sequence[str] = (), *, scorer: str = DEFAULT_SCORER, write: bool = True
+    sweep_dir: Path,
+    baselines: Sequence[str] = (),
+    *,
+    scorer: str = DEFAULT_SCORER,
+    write: bool = True,
+    out_dir: Path | None = None,
 ) -> SweepReport:
+    """The report of a sweep folder; its files go into `out_dir` (default: the sweep folder)."""
     sweep_dir = Path(sweep_dir)
     if not is_sweep_dir(sweep_dir):
         raise ConfigError(f"{sweep_dir}: no {SWEEP_FILE}; is it a folder made by `oal-train sweep`?")
@@ -268,15 +274,17 @@ def build_sweep_report(
         ]
     report = SweepReport("\n".join(lines), cells, summaries, differences)
     if write:
-        report.paths["markdown"] = sweep_dir / SWEEP_MARKDOWN
+        target = Path(out_dir) if out_dir is not None else sweep_dir
+        target.mkdir(parents=True, exist_ok=True)
+        report.paths["markdown"] = target / SWEEP_MARKDOWN
         report.paths["markdown"].write_text(report.markdown, encoding="utf-8")
-        report.paths["csv"] = _write_csv(sweep_dir / SWEEP_CSV, cells)
+        report.paths["csv"] = _write_csv(target / SWEEP_CSV, cells)
         series = {cell.name: [100 * summaries[cell.name][k].mean for k in FIGURE_COLUMNS] for cell in cells}
         errors = {cell.name: [100 * summaries[cell.name][k].half_width for k in FIGURE_COLUMNS] for cell in cells}
         report.paths["figure"] = plot_grouped_bars(
             [_HEADERS[k] for k in FIGURE_COLUMNS],
             series,
-            sweep_dir / SWEEP_FIGURE,
+            target / SWEEP_FIGURE,
             title=f"Sweep {sweep_dir.name}: mean and 95% interval over seeds ({scorer})",
             ylabel="% (FPR: lower is better)",
             errors=errors,
