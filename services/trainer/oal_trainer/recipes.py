@@ -107,8 +107,10 @@ class TrainConfig(BaseModel):
 
     # Outliers
     shards: str | None = Field(None, description="Folder of outlier shards (outliers-*.tar + manifest.json).")
-    outlier_source: Literal["stream", "memory"] = Field(
-        "stream", description="stream: webdataset pipeline over the shards; memory: load all once."
+    outlier_source: Literal["auto", "stream", "memory"] = Field(
+        "auto",
+        description="stream: webdataset pipeline over the shards; memory: load all once; "
+        "auto: memory when the job's samples fit in OAL_OUTLIER_IN_MEMORY_MAX_MB, else stream.",
     )
     outlier_batch_size: int | None = Field(None, ge=1, description="Outliers per step; null = batch_size (B).")
     outlier_space: Literal["latent", "pixel"] = Field(
