@@ -454,9 +454,9 @@ def test_each_sample_read_is_checked_once(tmp_path: Path, monkeypatch):
     calls = []
     rule = schema.sample_problem
 
-    def counted(*fields):
+    def counted(*fields, **options):
         calls.append(fields[0])
-        return rule(*fields)
+        return rule(*fields, **options)
 
     # Both places that could check a sample: the reader, and OutlierSample's constructor.
     monkeypatch.setattr(schema, "sample_problem", counted)
