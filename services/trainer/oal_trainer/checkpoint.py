@@ -4,8 +4,11 @@ A training checkpoint is ONE safetensors file, so replacing it is atomic (oal_sh
 - tensors: each module's state dict under "<module>/<name>", each optimiser's per-parameter state
   under "optim/<optimiser>/<param index>/<key>";
 - metadata "state": JSON with the scalars (epoch, global step, the optimisers' param groups and
-  any non-tensor per-parameter state, the lr schedulers' state dicts) and "resume_key": the config
-  fields a resume must agree on.
+  any non-tensor per-parameter state, the lr schedulers' state dicts, the fp16 GradScaler's state)
+  and "resume_key": the config fields a resume must agree on.
+
+Modules are saved by their own state dict: a student compiled in place (`nn.Module.compile`,
+config `compile`) has the same keys as an uncompiled one, so either loads the other's checkpoint.
 
 Final weights (`model.safetensors`) hold the bare model state dict; metadata names the architecture.
 """
@@ -140,7 +143,9 @@ def save_checkpoint(
     state: TrainingState,
     resume_key: dict[str, Any],
     schedulers: dict[str, LRScheduler] | None = None,
+    grad_scaler: dict[str, Any] | None = None,
 ) -> Path:
+    """One checkpoint file (module docstring); `grad_scaler` is torch.amp.GradScaler.state_dict() (fp16)."""
     tensors: dict[str, torch.Tensor] = {}
     for name, module in modules.items():
         tensors.update({f"{name}/{k}": v for k, v in module.state_dict().items()})
@@ -154,6 +159,8 @@ def save_checkpoint(
         "optimizers": optim_meta,
         # Scheduler state dicts are plain numbers (lrs, counters); JSON floats read back bit for bit.
         "schedulers": {name: scheduler.state_dict() for name, scheduler in (schedulers or {}).items()},
+        # The scale is a power of two and the rest small ints and factors: JSON holds them exactly.
+        "grad_scaler": grad_scaler or {},
     }
     metadata = {
         "schema_version": str(CHECKPOINT_SCHEMA_VERSION),
@@ -210,3 +217,15 @@ def load_checkpoint(
     for name, scheduler in (schedulers or {}).items():
         scheduler.load_state_dict(scalars["schedulers"][name])
     return TrainingState(epoch=int(scalars["epoch"]), step=int(scalars["step"]))
+
+
+def read_grad_scaler_state(path: Path) -> dict[str, Any]:
+    """The GradScaler state a checkpoint holds; {} when it was saved without loss scaling."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:  # the header only, not the tensors
+            metadata = handle.metadata() or {}
+        return json.loads(metadata["state"]).get("grad_scaler") or {}
+    except (SafetensorError, OSError, KeyError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path}: no readable training state in its metadata ({exc})") from exc

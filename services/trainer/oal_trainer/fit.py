@@ -26,11 +26,26 @@ import torch
 from torch import nn
 
 from oal_shared.settings import Settings, get_settings
-from oal_trainer.checkpoint import CONFIG_FILE, MODEL_FILE, TrainingState, save_weights
+from oal_trainer.checkpoint import (
+    CONFIG_FILE,
+    MODEL_FILE,
+    TrainingState,
+    read_grad_scaler_state,
+    save_checkpoint,
+    save_weights,
+)
 from oal_trainer.data import slice_benchmark
-from oal_trainer.distributed import DistContext, barrier, check_replicas_agree, mean_across_ranks, shutdown
+from oal_trainer.distributed import (
+    DistContext,
+    barrier,
+    check_replicas_agree,
+    mean_across_ranks,
+    resolve_device,
+    shutdown,
+)
 from oal_trainer.loss_sums import FiniteWatch, TensorSums, detached_values
 from oal_trainer.models import count_parameters
+from oal_trainer.precision import Precision, autocast_each, check_amp_device
 from oal_trainer.recipes import TrainConfig, save_config
 from oal_trainer.run import Run, build_run, run_train_set
 from oal_trainer.teacher import LoadedRun
@@ -90,7 +105,13 @@ def fit(
     """Train by `config` into `run_dir` (resuming from its checkpoint if one is there), then evaluate."""
     hooks = hooks or FitHooks()
     started = time.perf_counter()
-    run = build_run(config, Path(run_dir), settings or get_settings())
+    settings = settings or get_settings()
+    # Before anything is built or cached: an amp the device cannot run is a config error.
+    check_amp_device(config.amp, resolve_device(config.device if config.device != "auto" else settings.device))
+    run = build_run(config, Path(run_dir), settings)
+    precision = Precision(config.amp, run.ctx.device)
+    if run.state.step > 0:  # resumed: the loss scale goes on where the checkpoint left it
+        precision.load_state_dict(read_grad_scaler_state(run.checkpoint_path))
     if config.tensorboard and run.ctx.is_main:
         from oal_trainer.tensorboard_log import tensorboard_hooks
 
@@ -99,16 +120,20 @@ def fit(
     log = IntervalLog(run)
     step = run.state.step
     for epoch in range(run.state.epoch, config.epochs):
-        step, epoch_means = train_epoch(run, epoch, step, hooks, log)
+        step, epoch_means = train_epoch(run, epoch, step, hooks, log, precision)
         run.state = TrainingState(epoch=epoch + 1, step=step)
         if run.ctx.is_main:
-            run.save_checkpoint()
+            _save_checkpoint(run, precision)
             if hooks.on_epoch_end:
                 hooks.on_epoch_end(epoch + 1, epoch_means)
         barrier(run.ctx)
     train_seconds = time.perf_counter() - started
     check_replicas_agree(run.modules, run.ctx)
-    result = _finish(run, train_seconds) if run.ctx.is_main else FitResult(run.run_dir, run.state.epoch, step, None)
+    result = (
+        _finish(run, train_seconds, precision)
+        if run.ctx.is_main
+        else FitResult(run.run_dir, run.state.epoch, step, None)
+    )
     if run.ctx.is_main and hooks.on_finish:
         hooks.on_finish(result)
     barrier(run.ctx)
@@ -116,8 +141,14 @@ def fit(
     return result
 
 
-def train_epoch(run: Run, epoch: int, step: int, hooks: FitHooks, log: IntervalLog) -> tuple[int, dict[str, float]]:
-    """One pass over the ID data from global step `step`; returns the step after it and the mean losses."""
+def train_epoch(
+    run: Run, epoch: int, step: int, hooks: FitHooks, log: IntervalLog, precision: Precision | None = None
+) -> tuple[int, dict[str, float]]:
+    """One pass over the ID data from global step `step`; returns the step after it and the mean losses.
+
+    Batches (with the live teacher and pixel decode) and the objective run under `precision`'s
+    autocast; backward and the optimiser steps go through its GradScaler (fp16) or plainly."""
+    precision = precision or Precision("off", run.ctx.device)
     ctx = run.ctx
     run.objective.train()
     aux_params = list(run.objective.aux.parameters())
@@ -126,19 +157,21 @@ def train_epoch(run: Run, epoch: int, step: int, hooks: FitHooks, log: IntervalL
     # next. Numbers come back to the host at the log interval and the epoch's end, in float64 and in
     # step order, so they are the same floats the per-step `.item()` sums gave.
     epoch_sums = TensorSums()
-    watch = FiniteWatch()
+    # The watch looks at the loss itself, never at fp16's scaled gradients: a step the GradScaler
+    # skips for overflowing gradients has a finite loss and is no error.
+    watch = FiniteWatch(hint=_not_finite_hint(run.config.amp))
     last = time.perf_counter()
-    for batch in run.batches(epoch):
-        losses = run.objective(batch)
+    for batch in autocast_each(run.batches(epoch), precision):
+        with precision.autocast():
+            losses = run.objective(batch)
         watch.add(losses, step, epoch)
         for optimizer in run.optimizers.values():
             optimizer.zero_grad(set_to_none=True)
-        losses.to_backward.backward()
+        precision.backward(losses.to_backward)
         if ctx.enabled and aux_params:
             _average_gradients(aux_params, ctx)  # DDP averages the student's; these are outside it
         lr = run.lr
-        for optimizer in run.optimizers.values():
-            optimizer.step()
+        precision.step(run.optimizers.values())
         for scheduler in run.schedulers.values():
             scheduler.step()
         step += 1
@@ -207,7 +240,28 @@ def _start(run: Run, hooks: FitHooks) -> None:
         hooks.on_start(run.state.step, run.total_steps)
 
 
-def _finish(run: Run, train_seconds: float) -> FitResult:
+def _not_finite_hint(amp: str) -> str:
+    if amp == "fp16":
+        return "amp=fp16 overflowed in the forward pass (above 65504); amp=bf16 has float32's range"
+    if amp == "bf16":
+        return "amp=bf16 keeps 8 bits of mantissa; try amp=off to see whether precision is the cause"
+    return ""
+
+
+def _save_checkpoint(run: Run, precision: Precision) -> None:
+    """Run.save_checkpoint's file plus the GradScaler's state, so an fp16 run resumes at its scale."""
+    save_checkpoint(
+        run.checkpoint_path,
+        run.modules,
+        run.optimizers,
+        run.state,
+        run.config.resume_key(),
+        run.schedulers,
+        grad_scaler=precision.state_dict(),
+    )
+
+
+def _finish(run: Run, train_seconds: float, precision: Precision) -> FitResult:
     """Rank 0: final weights, evaluation (Stage E) into the run dir, and run.json on what shaped the run."""
     config, benchmark, run_dir = run.config, run.benchmark, run.run_dir
     weights_meta = {
@@ -251,6 +305,7 @@ def _finish(run: Run, train_seconds: float) -> FitResult:
         "init_from": _run_ref(run.init_run),
         "outliers": run.outliers.record() if run.outliers is not None else None,
         "seconds": {"train": round(train_seconds, 2), "eval": round(time.perf_counter() - eval_start, 2)},
+        "precision": {**precision.record(), "compile": config.compile, "channels_last": config.channels_last},
         "torch": torch.__version__,
     }
     (run_dir / RUN_INFO_FILE).write_text(json.dumps(run_info, indent=2) + "\n")

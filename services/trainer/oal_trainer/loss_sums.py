@@ -41,8 +41,9 @@ class FiniteWatch:
     A non-finite loss still stops the run with the step it happened at and that step's terms; the
     steps after it until the check only touch weights that are then never saved or logged."""
 
-    def __init__(self):
+    def __init__(self, hint: str = ""):
         self.pending: list[tuple[int, int, StepLosses, torch.Tensor]] = []
+        self.hint = hint  # appended to the error, e.g. what the run's amp mode may have to do with it
 
     def add(self, losses: StepLosses, step: int, epoch: int) -> None:
         self.pending.append((step, epoch, _detached(losses), torch.isfinite(losses.to_backward.detach())))
@@ -52,7 +53,7 @@ class FiniteWatch:
         if not pending or bool(torch.stack([finite for *_, finite in pending]).all()):
             return
         step, epoch, losses, _ = next(entry for entry in pending if not bool(entry[3]))
-        _raise_not_finite(losses, step, epoch)
+        _raise_not_finite(losses, step, epoch, self.hint)
 
 
 def detached_values(losses: StepLosses) -> dict[str, torch.Tensor]:
@@ -66,8 +67,9 @@ def _detached(losses: StepLosses) -> StepLosses:
     return StepLosses(terms=terms, loss=losses.loss.detach(), q_fit=losses.q_fit.detach())
 
 
-def _raise_not_finite(losses: StepLosses, step: int, epoch: int) -> None:
+def _raise_not_finite(losses: StepLosses, step: int, epoch: int, hint: str = "") -> None:
     raise FloatingPointError(
         f"loss is {losses.loss.item()} at step {step} (epoch {epoch}); terms: "
         + ", ".join(f"{k}={v.item():.4g}" for k, v in losses.terms.items())
+        + (f"; {hint}" if hint else "")
     )

@@ -13,7 +13,8 @@ A term is computed only when its weight is > 0 (CE always: it is logged even at 
 club_mode "alternating" each CLUB also yields its q-fit NLL ("club_emb_q", "club_latent_q"):
 `club_step_losses` routes that gradient to the q-network alone, so it joins the backward pass but not
 L, and the bound in L leaves q untouched. The batch arrives ready (teacher outputs looked up or
-computed, outliers decoded); where it comes from is the run's business (oal_trainer.run).
+computed, outliers decoded); where it comes from is the run's business (oal_trainer.run). Under mixed
+precision (config `amp`) the student's forward runs in the caller's autocast, the terms in float32.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ from oal_trainer.losses import (
     outlier_exposure_loss,
 )
 from oal_trainer.models import OutlierProjector
+from oal_trainer.precision import full_precision
 from oal_trainer.recipes import TrainConfig
 
 Q_FIT_SUFFIX = "_q"  # names of the CLUB q-fit terms: "<club term>_q"
@@ -152,17 +154,22 @@ class OALObjective(nn.Module):
 
     def forward(self, batch: StepBatch) -> StepLosses:
         self._check(batch)
-        logits, h_s, ood_logits = self._student(batch)
-        terms = {"ce": F.cross_entropy(logits, batch.labels)}
-        terms.update(self._distillation(logits, h_s, batch))
-        if batch.has_outliers:
-            f_ood = reduce_latents(batch.outlier_latents, self.config.latent_reduce)  # (B_o, F)
-            terms.update(self._micl(h_s, batch.outlier_embeddings, f_ood))
-            if self.aux.projector is not None:
-                ood_logits = unwrap(self.model).head(self.aux.projector(f_ood))  # (B_o, K)
-            if ood_logits is not None:
-                terms.update(self._outlier_logits(logits, ood_logits))
-        return self._combine(terms)
+        logits, h_s, ood_logits = self._student(batch)  # under the caller's autocast, if any
+        # The terms in float32 whatever the amp mode (oal_trainer.precision): CPU autocast would keep
+        # logsumexp (energy), exp (CLUB's variances) and log_softmax (KD) in bf16.
+        with full_precision(logits):
+            logits, h_s = logits.float(), h_s.float()
+            ood_logits = ood_logits.float() if ood_logits is not None else None
+            terms = {"ce": F.cross_entropy(logits, batch.labels)}
+            terms.update(self._distillation(logits, h_s, batch))
+            if batch.has_outliers:
+                f_ood = reduce_latents(batch.outlier_latents.float(), self.config.latent_reduce)  # (B_o, F)
+                terms.update(self._micl(h_s, batch.outlier_embeddings.float(), f_ood))
+                if self.aux.projector is not None:
+                    ood_logits = unwrap(self.model).head(self.aux.projector(f_ood))  # (B_o, K)
+                if ood_logits is not None:
+                    terms.update(self._outlier_logits(logits, ood_logits))
+            return self._combine(terms)
 
     def _check(self, batch: StepBatch) -> None:
         config = self.config
@@ -186,9 +193,9 @@ class OALObjective(nn.Module):
     def _distillation(self, logits: torch.Tensor, h_s: torch.Tensor, batch: StepBatch) -> dict[str, torch.Tensor]:
         terms = {}
         if self.config.w_logit_kd > 0:
-            terms["logit_kd"] = logit_kd_loss(logits, batch.teacher_logits, self.config.kd_temperature)
+            terms["logit_kd"] = logit_kd_loss(logits, batch.teacher_logits.float(), self.config.kd_temperature)
         if self.aux.adapter is not None:
-            terms["feature_kd"] = feature_kd_loss(h_s, self.aux.adapter(batch.teacher_features))
+            terms["feature_kd"] = feature_kd_loss(h_s, self.aux.adapter(batch.teacher_features.float()))
         return terms
 
     def _micl(self, h_s: torch.Tensor, v: torch.Tensor, f_ood: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -37,6 +37,7 @@ RUNTIME_FIELDS = frozenset(
         "eval_batch_size",
         "tensorboard",
         "allow_pickle_weights",  # a permission to read a file, not a change to what is computed
+        "compile",  # the same operations, fused: a run may resume compiled or not (docs/GPU.md)
     }
 )
 
@@ -159,6 +160,14 @@ class TrainConfig(BaseModel):
         None, ge=1, description="Torch CPU threads; null = OAL_TORCH_THREADS or torch's default."
     )
     channels_last: bool = Field(True, description="channels_last memory format (15-30% faster convs on CPU).")
+    amp: Literal["off", "bf16", "fp16"] = Field(
+        "off",
+        description="Mixed precision of the fit step (oal_trainer.precision): autocast in bf16, or fp16 with a "
+        "GradScaler (CUDA only); losses stay float32. docs/GPU.md says when it pays.",
+    )
+    compile: bool = Field(
+        False, description="torch.compile the student (and a live teacher): compile time first, faster steps after."
+    )
     log_interval: int = Field(50, ge=1, description="Steps between log lines.")
     evaluate: bool = Field(True, description="Evaluate into the run dir after training (Stage E).")
     eval_scorers: tuple[str, ...] = Field(("energy", "msp", "max_logit"), min_length=1, description="OOD scores.")

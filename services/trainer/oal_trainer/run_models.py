@@ -5,6 +5,11 @@ run (`init_from`) or a weights file (`init_weights`, e.g. torchvision's ImageNet
 safetensors: a head of another size is re-initialised). The teacher is a finished run (`teacher_run`)
 or a weights file of `teacher_model` (`teacher_weights`), whose head must fit: it has to know this
 benchmark's classes. docs/TRAINER.md, Your own model.
+
+With `compile`, the student (and a live teacher) is compiled in place (`nn.Module.compile`): the
+module keeps its own state dict keys (no `_orig_mod.` prefix of `torch.compile(module)`), so
+checkpoints and weights load into an uncompiled model, and a run resumes compiled or not.
+Compilation happens at the first forward of each new shape or mode (docs/GPU.md: its cost).
 """
 
 from __future__ import annotations
@@ -51,7 +56,21 @@ def build_student(
     student = student.to(device)
     if config.channels_last:
         student = student.to(memory_format=torch.channels_last)
+    if config.compile:
+        compile_in_place(student, "compile")
     return student, init_run
+
+
+def compile_in_place(module: nn.Module, field: str) -> None:
+    """`module.compile()` (inductor), refused up front where it cannot work, naming the config field."""
+    import shutil
+
+    if not any(shutil.which(cc) for cc in ("cc", "gcc", "clang")):
+        raise ConfigError(
+            f"{field}: torch.compile needs a C/C++ compiler on the PATH (inductor builds its kernels with it); "
+            f"install gcc or set {field}=false"
+        )
+    module.compile()
 
 
 def teacher_model(config: TrainConfig, benchmark: Benchmark) -> LoadedRun:
@@ -68,5 +87,10 @@ def teacher_model(config: TrainConfig, benchmark: Benchmark) -> LoadedRun:
             stem=config.teacher_stem,
             allow_pickle=config.allow_pickle_weights,
         )
-        return frozen_teacher(loaded)
-    return load_teacher(Path(config.teacher_run), classes, channels, size)  # type: ignore[arg-type]
+        loaded = frozen_teacher(loaded)
+    else:
+        loaded = load_teacher(Path(config.teacher_run), classes, channels, size)  # type: ignore[arg-type]
+    # A live teacher runs a forward every step; a cached one runs once over the set, not worth compiling.
+    if config.compile and config.teacher_mode == "live":
+        compile_in_place(loaded.model, "compile")
+    return loaded
