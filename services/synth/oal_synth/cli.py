@@ -3,6 +3,7 @@
     oal-synth serve                      the REST API (uvicorn) on OAL_API_HOST:OAL_API_PORT
     oal-synth worker [--burst]           a synthesis worker on OAL_QUEUE_NAME
     oal-synth pretrain --preset demo     train the embedded generator (fmnist-ldm)
+    oal-synth quality GENERATOR_DIR      measure its blur, per-class Frechet distance, outlier placement
     oal-synth submit spec.json           submit over REST and follow the job to its end
     oal-synth status JOB_ID              a job's state as a table
 
@@ -149,6 +150,46 @@ def pretrain(
     except OALError as exc:
         raise _fail(str(exc), EXIT_REFUSED) from None
     console.print(f"generator written to {written}")
+
+
+@app.command()
+def quality(
+    generator_dir: Annotated[Path, typer.Argument(help="An embedded generator folder (oal-synth pretrain's output)")],
+    out: Annotated[Path, typer.Option("--out", "-o", help="JSON file to write every number into")],
+    shards: Annotated[
+        Path | None, typer.Option("--shards", help="A finished job folder of this generator: measure its outliers")
+    ] = None,
+    benchmark: Annotated[str, typer.Option(help="ID images to compare with")] = "fmnist-osr",
+    per_class: Annotated[int, typer.Option(help="Generated images per class (and per real split)")] = 200,
+    max_outliers: Annotated[int | None, typer.Option(help="Decode at most this many of the job's outliers")] = None,
+    steps: Annotated[int, typer.Option(help="Denoising steps (the demo job's)")] = 25,
+    guidance_scale: Annotated[float, typer.Option(help="Classifier-free guidance (the demo job's)")] = 3.0,
+    seed: Annotated[int, typer.Option(help="Seed of every choice and sample")] = 0,
+    device: Annotated[str, typer.Option(help="cpu, cuda or cuda:N")] = "cpu",
+) -> None:
+    """Measure the embedded generator: VAE blur, Frechet distance per class, where a job's outliers land."""
+    from oal_shared.errors import OALError
+    from oal_shared.fsio import atomic_write_bytes
+    from oal_synth.quality import QualityConfig, jsonable, measure_quality, quality_tables
+
+    try:
+        config = QualityConfig(
+            benchmark=benchmark,
+            per_class=per_class,
+            max_outliers=max_outliers,
+            steps=steps,
+            guidance_scale=guidance_scale,
+            seed=seed,
+            device=device,
+        )
+        report = measure_quality(generator_dir, shards, config, get_settings(), progress=True)
+    except OALError as exc:
+        raise _fail(str(exc), EXIT_REFUSED) from None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(out, (json.dumps(jsonable(report), indent=2, allow_nan=False) + "\n").encode("utf-8"))
+    for table in quality_tables(report):
+        console.print(table)
+    console.print(f"quality report written to {out}")
 
 
 @app.command("register-sd")
