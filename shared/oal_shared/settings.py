@@ -65,6 +65,11 @@ class Settings(BaseSettings):
         2, ge=0, description="DataLoader worker processes that decode streamed ID images when num_workers is 0."
     )
 
+    # Outliers (trainer, outlier_source=auto)
+    outlier_in_memory_max_mb: int = Field(
+        256, ge=0, description="Outlier jobs up to this size as float32 tensors are held; larger ones stream (MB)."
+    )
+
     @field_validator("api_token")
     @classmethod
     def _refuse_placeholder_token(cls, value: SecretStr | None) -> SecretStr | None:

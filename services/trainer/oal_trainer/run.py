@@ -8,6 +8,7 @@ yields the epoch's StepBatches, every source of randomness seeded by (seed, epoc
 
 from __future__ import annotations
 
+import json
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -22,9 +23,10 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from oal_shared.data.benchmark import Benchmark, load_benchmark
 from oal_shared.errors import ConfigError
+from oal_shared.fsio import atomic_write_bytes
 from oal_shared.schedules import warmup_cosine
 from oal_shared.settings import Settings
-from oal_shared.shards import OutlierManifest
+from oal_shared.shards import OutlierManifest, load_manifest
 from oal_trainer.checkpoint import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
@@ -34,13 +36,16 @@ from oal_trainer.checkpoint import (
     save_checkpoint,
 )
 from oal_trainer.data import (
+    SOURCES,
     IDTrainSet,
     InMemoryOutliers,
     OutlierBatch,
     OutlierSource,
+    OutlierSourceChoice,
     OutlierStream,
     augment_batch,
     black_pixel,
+    choose_outlier_source,
     id_loader,
     id_train_set,
     seeded_generator,
@@ -57,6 +62,8 @@ if TYPE_CHECKING:  # decode pulls in diffusers; only pixel-space runs import it
     from oal_trainer.decode import DecodedOutliers, PixelDecoder
 
 logger = logging.getLogger(__name__)
+
+OUTLIER_CHOICE_FILE = "outlier_source.json"  # next to the checkpoint: the source a resume must keep
 
 
 @dataclass(frozen=True, eq=False)
@@ -82,12 +89,14 @@ class RunOutliers:
     config: TrainConfig
     source: OutlierSource
     job_spec: dict[str, Any]  # the manifest's "spec": the synthesis job that made the outliers
+    choice: OutlierSourceChoice  # stream or memory, and why (outlier_source=auto sizes the job)
 
     def record(self) -> dict[str, Any]:
         stats = self.source.stats
         return {
             "shards": self.config.shards,
-            "source": self.config.outlier_source,
+            "source": self.choice.source,  # the one used; "source_choice" has the config's value and why
+            "source_choice": self.choice.to_json(),
             "space": self.config.outlier_space,
             "latent_shape": list(self.source.latent_shape),
             "embed_dim": self.source.embed_dim,
@@ -250,7 +259,7 @@ def build_run(config: TrainConfig, run_dir: Path, settings: Settings) -> Run:
     student, init_run = build_student(config, benchmark, ctx.device)
     cache_dir = Path(config.cache_dir or Path(settings.artifact_dir) / "trainer-cache")
     teacher = _load_teacher(config, benchmark, train, ctx, cache_dir) if config.uses_teacher else None
-    outliers = open_outliers(config, steps_per_ep, ctx) if config.uses_outliers else None
+    outliers = open_outliers(config, steps_per_ep, ctx, settings, run_dir) if config.uses_outliers else None
     pixels = None
     if config.outlier_space == "pixel" and outliers is not None:
         pixels = _open_pixel_outliers(config, benchmark, ctx, cache_dir, outliers.source.manifest)
@@ -319,13 +328,30 @@ def _load_teacher(
     return Teacher(loaded, cache, ctx.device)
 
 
-def open_outliers(config: TrainConfig, steps_per_ep: int, ctx: DistContext) -> RunOutliers:
+def open_outliers(
+    config: TrainConfig, steps_per_ep: int, ctx: DistContext, settings: Settings, run_dir: Path
+) -> RunOutliers:
     """The run's outlier source (stream or memory) over the job folder `config.shards`, and its provenance.
 
-    The source opens the job's manifest first (refusing a folder without one); the job spec recorded
-    in run.json is the manifest's.
+    outlier_source=auto holds the job in memory when it fits `OAL_OUTLIER_IN_MEMORY_MAX_MB`
+    (sized from the manifest), else streams it. The choice is written next to the checkpoint;
+    a resumed run takes the source from there, since memory and stream draw different outliers
+    and a changed setting must not change them halfway. The source opens the job's manifest
+    first (refusing a folder without one); the job spec recorded in run.json is the manifest's.
     """
     shards = Path(config.shards)  # type: ignore[arg-type]
+    record_path = run_dir / CHECKPOINT_DIR / OUTLIER_CHOICE_FILE
+    resuming = (run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE).exists()
+    recorded = _recorded_outlier_source(record_path) if resuming else None
+    if resuming and recorded is None and config.outlier_source == "auto":
+        logger.warning("Outliers: %s records no outlier source; choosing it again from the job's size", record_path)
+    choice = choose_outlier_source(
+        config.outlier_source, load_manifest(shards), settings.outlier_in_memory_max_mb, recorded=recorded
+    )
+    logger.info("Outliers from %s: %s (%s)", shards, choice.source, choice.reason)
+    if ctx.is_main and recorded != choice.source:
+        record_path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(record_path, json.dumps(choice.to_json(), indent=2).encode())
     common = {
         "batch_size": config.outliers_per_step,
         "steps_per_epoch": steps_per_ep,
@@ -333,11 +359,26 @@ def open_outliers(config: TrainConfig, steps_per_ep: int, ctx: DistContext) -> R
         "on_bad_shard": config.on_bad_shard,
         "rank": ctx.rank,
     }
-    if config.outlier_source == "stream":
+    if choice.source == "stream":
         source = OutlierStream(shards, shuffle_buffer=config.shuffle_buffer, workers=config.outlier_workers, **common)
     else:
         source = InMemoryOutliers(shards, **common)
-    return RunOutliers(config, source, source.manifest.spec)
+    return RunOutliers(config, source, source.manifest.spec, choice)
+
+
+def _recorded_outlier_source(path: Path) -> str | None:
+    """The source a run chose when it started (written by open_outliers), or None without a record."""
+    if not path.exists():
+        return None
+    try:
+        source = json.loads(path.read_text())["source"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{path}: unreadable record of the run's outlier source ({exc}); start over in a new --out"
+        ) from exc
+    if source not in SOURCES:
+        raise ConfigError(f"{path}: source: expected 'stream' or 'memory', got {source!r}")
+    return source
 
 
 def _open_pixel_outliers(

@@ -185,7 +185,7 @@ def _samples_of_tar(url: str) -> Iterator[dict]:
                     yield sample
                 sample = {"__key__": key, "__url__": url}
             if suffix in sample:
-                raise ValueError(f"{name}: duplicate file name in tar file {suffix}")
+                raise ValueError(f"{name}: duplicate file name in tar file {suffix} {sample.keys()}")
             sample[suffix] = data
     if sample is not None:
         yield sample

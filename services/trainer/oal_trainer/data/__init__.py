@@ -5,9 +5,11 @@ decoded in DataLoader workers when a set is too large to hold), `outliers` (the 
 type and the base every outlier source shares: it opens the job's manifest first), `stream`
 (`OutlierStream`, shards read through `oal_shared.shards.outlier_pipeline`, resampled and
 shuffled, every rank and DataLoader worker drawing its own seeded stream), `memory`
-(`InMemoryOutliers`, every sample loaded once), `reduce` (f_ood) and `seeds`.
+(`InMemoryOutliers`, every sample loaded once), `choice` (which of the two a run uses:
+outlier_source=auto holds small jobs), `reduce` (f_ood) and `seeds`.
 """
 
+from oal_trainer.data.choice import SOURCES, OutlierSourceChoice, choose_outlier_source, held_bytes
 from oal_trainer.data.id_images import (
     IDTrainSet,
     augment_batch,
@@ -35,11 +37,13 @@ from oal_trainer.data.stream import OutlierStream, WorkerFailure
 from oal_trainer.data.streamed import StreamedImages, image_batches, uint8_batches
 
 __all__ = [
+    "SOURCES",
     "IDTrainSet",
     "InMemoryOutliers",
     "ManifestOutliers",
     "OutlierBatch",
     "OutlierSource",
+    "OutlierSourceChoice",
     "OutlierStats",
     "OutlierStream",
     "ReaderDelta",
@@ -47,10 +51,12 @@ __all__ = [
     "WorkerFailure",
     "augment_batch",
     "black_pixel",
+    "choose_outlier_source",
     "collate_outliers",
     "derive_seed",
     "id_loader",
     "id_train_set",
+    "held_bytes",
     "image_batches",
     "reduce_latents",
     "reduced_latent_dim",
