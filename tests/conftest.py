@@ -13,6 +13,20 @@ from oal_shared.settings import get_settings
 TEST_REDIS_URL = os.environ.get("OAL_TEST_REDIS_URL", "redis://127.0.0.1:6379/15")
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tests marked `cuda` skip, saying why, on a machine without a CUDA device."""
+    cuda_items = [item for item in items if item.get_closest_marker("cuda")]
+    if not cuda_items:
+        return
+    import torch  # only when a cuda test was collected: most runs need not pay the import here
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason=f"needs a CUDA device; torch {torch.__version__} sees none")
+    for item in cuda_items:
+        item.add_marker(skip)
+
+
 @pytest.fixture
 def oal_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     """Point every setting that writes at a fresh tmp dir; returns the resulting Settings.
