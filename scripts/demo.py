@@ -2,42 +2,52 @@
 
 client -> API -> Redis queue -> worker -> shards -> trainer -> runs/demo/
 
-Steps (each reuses what an earlier run left, so a re-run takes minutes, not the full time):
- 1. start an API server and a synthesis worker (Redis is started by `make`)
- 2. pretrain the embedded generator (fmnist-ldm)
- 3. train the teacher (a larger `ce` model) and the `ce` student
- 4. submit an outlier job over REST and follow its progress
- 5. train kd, oal, oal-energy and pixel-oe from the same budget
- 6. put the runs side by side (report.md, report.png) and stop every process started here
+Steps, run in parallel lanes (scripts/demo_schedule.py), each after the steps it needs:
+  pretrain generator -> synthesise outliers (API + worker, one job over REST) -> decode outlier grid
+  train teacher (a larger `ce` model), train ce (the student's start)
+  train kd, oal, oal-energy, pixel-oe (need teacher, ce and the outliers) -> compare the recipes
+The generator, teacher and ce student are reused from an earlier run when finished (--fresh
+retrains them); the rest is repeated. Each step's output goes to OUT/logs/<step>.log, the step
+table and the total wall time to the terminal and OUT/timings.json.
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
+import re
 import shutil
-import signal
-import socket
-import subprocess
 import sys
 import time
-from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
-import httpx
+from demo_schedule import Lanes, Step, StepFailed, StepRecord, check_graph, run_steps
+from demo_services import background, submit_and_follow, wait_ready
+from rich import box
 from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.live import Live
+from rich.table import Table
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 STUDENT_RECIPES = ("kd", "oal", "oal-energy", "pixel-oe")
+# Each step's seconds in the sequential 2-thread demo on 2 idle cores (README, Timings, 2026-11-28).
+# Only the order of ready steps uses them: the longest remaining chain (the teacher's) goes first.
+COSTS = {"pretrain generator": 157, "train teacher": 331, "train ce": 59, "synthesise outliers": 31}
+COSTS |= {"train kd": 59, "train oal": 41, "train oal-energy": 42, "train pixel-oe": 61}
 console = Console()
 
 
 def parse_args() -> argparse.Namespace:
+    cores = len(os.sched_getaffinity(0))
+    lanes = max(1, min(4, cores))
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, default=REPO / "runs" / "demo", help="output directory")
+    parser.add_argument(
+        "--artifacts", type=Path, default=REPO / "artifacts", help="generators and trainer caches (OAL_ARTIFACT_DIR)"
+    )
     parser.add_argument("--preset", default="demo", help="trainer and pretrain preset (smoke|demo|full)")
     parser.add_argument(
         "--num-outliers",
@@ -47,170 +57,250 @@ def parse_args() -> argparse.Namespace:
     )
     parser.add_argument("--port", type=int, default=0, help="API port (0: a free one)")
     parser.add_argument("--fresh", action="store_true", help="retrain everything instead of reusing")
-    return parser.parse_args()
+    parser.add_argument("--lanes", type=int, default=lanes, help=f"steps run at once (default here: {lanes})")
+    parser.add_argument("--threads", type=int, default=0, help="torch threads per process (0: cores / lanes)")
+    args = parser.parse_args()
+    if args.lanes < 1 or args.threads < 0:
+        parser.error(f"--lanes must be >= 1 and --threads >= 0, got {args.lanes} and {args.threads}")
+    args.threads = args.threads or max(1, cores // args.lanes)
+    return args
 
 
-def free_port() -> int:
+def demo_steps() -> list[Step]:
+    students = [
+        Step(f"train {r}", ("train teacher", "train ce", "synthesise outliers"), COSTS[f"train {r}"])
+        for r in STUDENT_RECIPES
+    ]
+    return [
+        Step("pretrain generator", (), COSTS["pretrain generator"], reusable=True),
+        Step("train teacher", (), COSTS["train teacher"], reusable=True),
+        Step("train ce", (), COSTS["train ce"], reusable=True),
+        Step("synthesise outliers", ("pretrain generator",), COSTS["synthesise outliers"]),
+        Step("decode outlier grid", ("synthesise outliers",)),
+        *students,
+        Step("compare the recipes", ("decode outlier grid", *(s.name for s in students))),
+    ]
+
+
+def thread_env(base: dict[str, str], threads: int) -> dict[str, str]:
+    """Every torch and BLAS pool of a child sized to `threads`, so lanes do not oversubscribe the cores."""
+    pools = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "OAL_TORCH_THREADS")
+    return {**base, **{name: str(threads) for name in pools}}
+
+
+LOG_PREFIX = re.compile(
+    r"^\d{4}-\d\d-\d\d [\d:,.]+ [A-Z]+ [\w.]+: "
+)  # "2026-12-01 10:39:21,583 INFO oal_trainer.fit: "
+
+
+def last_line(path: Path) -> str:
+    """The last line a step wrote, without the logging prefix: its latest progress."""
+    try:
+        with open(path, "rb") as handle:
+            handle.seek(max(0, handle.seek(0, os.SEEK_END) - 4096))
+            lines = [line.strip() for line in handle.read().decode(errors="replace").splitlines() if line.strip()]
+    except FileNotFoundError:
+        return ""
+    return LOG_PREFIX.sub("", lines[-1]) if lines else ""
+
+
+class Demo:
+    def __init__(self, args: argparse.Namespace):
+        self.args = args
+        self.out: Path = args.out.resolve()
+        artifacts = args.artifacts.resolve()
+        self.generator_dir = artifacts / "generators" / "fmnist-ldm"
+        self.shard_root = self.out / "shards"
+        self.logs = self.out / "logs"
+        base = {
+            **os.environ,
+            "OAL_ARTIFACT_DIR": str(artifacts),
+            "OAL_GENERATOR_ROOT": str(artifacts / "generators"),
+            "OAL_SHARD_ROOT": str(self.shard_root),
+        }
+        self.env = thread_env(base, args.threads)
+        self.lanes = Lanes()
+        self.shard_dir: Path | None = None
+        self.train = [str(BIN / "oal-train"), "fit", "--preset", args.preset, "--no-progress"]
+
+    def finished_before(self, step: str) -> bool:
+        if step == "pretrain generator":
+            return (self.generator_dir / "oal_generator.json").exists()
+        return (self.out / step.removeprefix("train ") / "metrics.json").exists()
+
+    def log(self, step: str) -> Path:
+        return self.logs / f"{step.replace(' ', '-')}.log"
+
+    def actions(self) -> dict:
+        acts = {
+            "pretrain generator": lambda r: self.lanes.run(
+                [str(BIN / "oal-synth"), "pretrain", "--preset", self.args.preset, "--out", str(self.generator_dir)],
+                self.env,
+                self.log("pretrain generator"),
+            ),
+            "train teacher": lambda r: self.fit("teacher", "ce", ["--set", "model=resnet_wide"]),
+            "train ce": lambda r: self.fit("ce", "ce", []),
+            "synthesise outliers": self.synthesise,
+            "decode outlier grid": lambda r: self.lanes.run(
+                [sys.executable, "-m", "oal_trainer.outlier_grid", str(self.shard_dir), "--generator-dir"]
+                + [str(self.generator_dir), "--out", str(self.out / "outliers.png")],
+                self.env,
+                self.log("decode outlier grid"),
+            ),
+            "compare the recipes": self.report,
+        }
+        for recipe in STUDENT_RECIPES:
+            acts[f"train {recipe}"] = lambda r, recipe=recipe: self.student(recipe)
+        return acts
+
+    def fit(self, name: str, recipe: str, extra: list[str]) -> None:
+        argv = [*self.train, "--recipe", recipe, "--out", str(self.out / name), *extra]
+        self.lanes.run(argv, self.env, self.log(f"train {name}"))
+
+    def student(self, recipe: str) -> None:
+        shutil.rmtree(self.out / recipe, ignore_errors=True)  # a fine-tune is always repeated
+        extra = ["--set", f"teacher_run={self.out / 'teacher'}", "--set", f"init_from={self.out / 'ce'}"]
+        extra += ["--set", f"shards={self.shard_dir}", "--set", f"generator_dir={self.generator_dir}"]
+        self.fit(recipe, recipe, extra)
+
+    def synthesise(self, record: StepRecord) -> None:
+        port = self.args.port or _free_port()
+        base_url = f"http://127.0.0.1:{port}"
+        say = console.log
+        with background("api", [str(BIN / "oal-synth"), "serve", "--port", str(port)], self.env, self.logs, say) as api:
+            with background("worker", [str(BIN / "oal-synth"), "worker"], self.env, self.logs, say):
+                wait_ready(base_url, api, self.lanes.stop)
+                spec = {
+                    "generator": "fmnist-ldm",
+                    "embeddings": {"benchmark": "fmnist-osr"},
+                    "num_outliers": self.args.num_outliers,
+                    "seed": 0,
+                    "diffusion": {"steps": 25, "guidance_scale": 3.0},
+                }
+
+                def progress(done: int, total: int | None) -> None:
+                    record.detail = f"{done}/{total or '?'} outliers"
+
+                job = submit_and_follow(base_url, spec, self.lanes.stop, progress)
+        self.shard_dir = self.shard_root / job["id"]
+        record.detail = f"job {job['id']}"
+
+    def report(self, record: StepRecord) -> None:
+        runs = [self.out / r for r in ("ce", *STUDENT_RECIPES)]
+        for run_dir in runs:
+            shutil.copy2(self.shard_dir / "manifest.json", run_dir / "outlier-manifest.json")
+            shutil.copy2(self.out / "outliers.png", run_dir / "outliers.png")
+        argv = [str(BIN / "oal-train"), "report", *map(str, runs), "--out", str(self.out)]
+        self.lanes.run(argv, self.env, self.log("compare the recipes"))
+
+
+def _free_port() -> int:
+    import socket
+
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
 
 
-@contextmanager
-def background(name: str, argv: list[str], env: dict[str, str], log_dir: Path):
-    """Runs a service process for the duration of the block; its output goes to log_dir/name.log."""
-    log_dir.mkdir(parents=True, exist_ok=True)
-    log_path = log_dir / f"{name}.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
-        console.log(f"started {name} (pid {proc.pid}), log: {log_path}")
-        yield proc
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
-        console.log(f"stopped {name}")
-
-
-def run_step(title: str, argv: list[str], env: dict[str, str]) -> float:
-    """Runs one CLI step in the foreground (its own progress bars show); returns seconds taken."""
-    console.rule(title)
-    started = time.perf_counter()
-    subprocess.run(argv, env=env, check=True)
-    return time.perf_counter() - started
-
-
-def wait_ready(base_url: str, proc: subprocess.Popen, timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise SystemExit(f"the API process exited with code {proc.returncode}; see its log")
-        try:
-            if httpx.get(f"{base_url}/readyz", timeout=2).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"the API at {base_url} was not ready after {timeout_s:.0f} s")
-
-
-def submit_and_follow(base_url: str, spec: dict) -> dict:
-    response = httpx.post(f"{base_url}/v1/jobs", json=spec, timeout=30)
-    if response.status_code != 202:
-        raise SystemExit(f"job refused ({response.status_code}): {response.text}")
-    job = response.json()
-    console.log(f"job {job['id']} accepted: {spec['num_outliers']} outliers from {spec['generator']}")
-    columns = (TextColumn("synthesis"), BarColumn(), TextColumn("{task.completed}/{task.total}"), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
-        task = progress.add_task("job", total=spec["num_outliers"])
-        while job["status"] not in {"finished", "failed", "canceled", "stopped"}:
-            time.sleep(1)
-            job = httpx.get(f"{base_url}/v1/jobs/{job['id']}", timeout=30).json()
-            progress.update(task, completed=job["progress"]["done"], total=job["progress"]["total"] or None)
-    if job["status"] != "finished":
-        raise SystemExit(f"job {job['id']} ended {job['status']}: {job.get('error')}")
-    return job
+def step_table(records: dict[str, StepRecord], log_of, logs: Path, total_s: float | None = None) -> Table:
+    """The steps as a table: live (with each running step's last log line) or final (with its log)."""
+    table = Table(title=f"make demo (logs in {logs})", title_justify="left", box=box.SIMPLE_HEAD, pad_edge=False)
+    for column, width in (("step", 19), ("state", 7), ("lane", 4), ("start", 5), ("took", 5)):
+        justify = "left" if column in ("step", "state") else "right"  # times in seconds
+        table.add_column(column, justify=justify, no_wrap=True, min_width=width)
+    # what is left of the terminal's width, so the fixed columns never get squeezed out
+    rest = max(24, console.width - 19 - 7 - 4 - 7 - 6 - 12)
+    table.add_column("log" if total_s is not None else "progress", no_wrap=True, overflow="ellipsis", max_width=rest)
+    styles = {"done": "green", "reused": "cyan", "running": "yellow", "failed": "red", "stopped": "red"}
+    for name, r in records.items():
+        last = r.detail if total_s is None else ("" if r.state in ("reused", "waiting") else log_of(name))
+        table.add_row(
+            name,
+            f"[{styles.get(r.state, 'dim')}]{r.state}[/]",
+            str(r.lane or ""),
+            "" if r.start_s is None else f"{r.start_s:.0f}",
+            "" if r.seconds is None else f"{r.seconds:.0f}",
+            last,
+        )
+    if total_s is not None:
+        busy = sum(r.seconds or 0 for r in records.values())
+        table.caption = (
+            f"times in s; wall {total_s:.0f} s ({total_s / 60:.1f} min); the steps' seconds add up to {busy:.0f} s"
+        )
+    return table
 
 
 def main() -> int:
     args = parse_args()
-    out: Path = args.out.resolve()
-    artifacts = REPO / "artifacts"
-    generator_root = artifacts / "generators"
-    generator_dir = generator_root / "fmnist-ldm"
-    shard_root = out / "shards"
-    env = {
-        **os.environ,
-        "OAL_ARTIFACT_DIR": str(artifacts),
-        "OAL_GENERATOR_ROOT": str(generator_root),
-        "OAL_SHARD_ROOT": str(shard_root),
-    }
-    if args.fresh and out.exists():
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    timings: dict[str, float] = {}
+    demo = Demo(args)
+    steps = check_graph(demo_steps())
+    if args.fresh and demo.out.exists():
+        shutil.rmtree(demo.out)
+    demo.out.mkdir(parents=True, exist_ok=True)
+    records = {name: StepRecord() for name in steps}
+    for name, step in steps.items():
+        if step.reusable and not args.fresh and demo.finished_before(name):
+            records[name].state, records[name].detail = "reused", "finished by an earlier run"
+    load_start = os.getloadavg()
+    console.log(
+        f"{len(os.sched_getaffinity(0))} cores, {args.lanes} lanes x {args.threads} torch threads, "
+        f"preset {args.preset}, load average {load_start[0]:.2f}; logs: {demo.logs}"
+    )
+
+    def log_of(name: str) -> str:
+        return demo.log(name).name
+
+    def changed(name: str, record: StepRecord) -> None:
+        if record.state == "running":
+            record.detail = log_of(name)
+            console.log(f"lane {record.lane}: started {name}")
+        else:
+            console.log(f"lane {record.lane}: {name} {record.state} in {record.seconds:.0f} s")
+
     started = time.perf_counter()
-    train = [str(BIN / "oal-train"), "fit", "--preset", args.preset]
+    failure: StepFailed | None = None
+    with Live(step_table(records, log_of, demo.logs), console=console, refresh_per_second=2, transient=True) as live:
 
-    if not (generator_dir / "oal_generator.json").exists() or args.fresh:
-        timings["pretrain generator"] = run_step(
-            "pretrain the embedded generator",
-            [str(BIN / "oal-synth"), "pretrain", "--preset", args.preset, "--out", str(generator_dir)],
-            env,
-        )
-    for name, extra in (("teacher", ["--set", "model=resnet_wide"]), ("ce", [])):
-        if not (out / name / "metrics.json").exists():
-            timings[f"train {name}"] = run_step(
-                f"train {name}", [*train, "--recipe", "ce", "--out", str(out / name), *extra], env
-            )
+        def tick() -> None:
+            for name, record in records.items():
+                if record.state == "running" and name != "synthesise outliers":
+                    record.detail = last_line(demo.log(name)) or record.detail
+            live.update(step_table(records, log_of, demo.logs))
 
-    port = args.port or free_port()
-    base_url = f"http://127.0.0.1:{port}"
-    with ExitStack() as stack:
-        api = stack.enter_context(
-            background("api", [str(BIN / "oal-synth"), "serve", "--port", str(port)], env, out / "logs")
-        )
-        stack.enter_context(background("worker", [str(BIN / "oal-synth"), "worker"], env, out / "logs"))
-        wait_ready(base_url, api)
-        console.rule("synthesise outliers over REST")
-        t0 = time.perf_counter()
-        job = submit_and_follow(
-            base_url,
-            {
-                "generator": "fmnist-ldm",
-                "embeddings": {"benchmark": "fmnist-osr"},
-                "num_outliers": args.num_outliers,
-                "seed": 0,
-                "diffusion": {"steps": 25, "guidance_scale": 3.0},
-            },
-        )
-        timings["synthesise outliers"] = time.perf_counter() - t0
-    shard_dir = shard_root / job["id"]
-
-    teacher = ["--set", f"teacher_run={out / 'teacher'}", "--set", f"init_from={out / 'ce'}"]
-    for recipe in STUDENT_RECIPES:
-        run_dir = out / recipe
-        if run_dir.exists():
-            shutil.rmtree(run_dir)
-        extra = [*teacher, "--set", f"shards={shard_dir}", "--set", f"generator_dir={generator_dir}"]
-        timings[f"train {recipe}"] = run_step(
-            f"train {recipe}", [*train, "--recipe", recipe, "--out", str(run_dir), *extra], env
-        )
-    console.rule("decode a grid of outliers")
-    grid = out / "outliers.png"
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "oal_trainer.outlier_grid",
-            str(shard_dir),
-            "--generator-dir",
-            str(generator_dir),
-            "--out",
-            str(grid),
-        ],
-        env=env,
-        check=True,
-    )
-    for run_dir in (out / r for r in ("ce", *STUDENT_RECIPES)):
-        shutil.copy2(shard_dir / "manifest.json", run_dir / "outlier-manifest.json")
-        shutil.copy2(grid, run_dir / "outliers.png")
-
-    run_step(
-        "compare the recipes",
-        [str(BIN / "oal-train"), "report", *(str(out / r) for r in ("ce", *STUDENT_RECIPES)), "--out", str(out)],
-        env,
-    )
-    timings["total"] = time.perf_counter() - started
-    (out / "timings.json").write_text(json.dumps(timings, indent=2))
-    console.print({k: f"{v:.0f} s" for k, v in timings.items()})
-    console.print(f"report: {out / 'report.md'}")
+        try:
+            run_steps(steps, demo.actions(), records, args.lanes, demo.lanes, changed, tick)
+        except StepFailed as exc:
+            failure = exc
+    total_s = time.perf_counter() - started
+    console.print(step_table(records, log_of, demo.logs, total_s))
+    write_timings(demo.out / "timings.json", args, records, total_s, load_start)
+    if failure is not None:
+        console.print(f"[red]{failure}[/]; its log: {demo.log(failure.name)}")
+        return 1
+    console.print(f"report: {demo.out / 'report.md'}  timings: {demo.out / 'timings.json'}")
     return 0
+
+
+def write_timings(path: Path, args, records: dict[str, StepRecord], total_s: float, load_start) -> None:
+    record = {
+        "finished_at": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "preset": args.preset,
+        "cores": len(os.sched_getaffinity(0)),
+        "lanes": args.lanes,
+        "threads_per_process": args.threads,
+        "load_average_start": [round(x, 2) for x in load_start],
+        "load_average_end": [round(x, 2) for x in os.getloadavg()],
+        "total_s": round(total_s, 1),
+        "steps": {
+            name: {"state": r.state, "lane": r.lane, "start_s": _round(r.start_s), "seconds": _round(r.seconds)}
+            for name, r in records.items()
+        },
+    }
+    path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+
+
+def _round(value: float | None) -> float | None:
+    return None if value is None else round(value, 1)
 
 
 if __name__ == "__main__":
