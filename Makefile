@@ -1,19 +1,23 @@
-# The two commands of the README: `make demo` and `make test`. Each sets the machine up first.
-.PHONY: setup redis test lint demo clean
+# The two commands of the README: `make demo` and `make test`. Each sets the machine up first:
+# the demo needs only the project (`setup`), the tests its dev extra too (`setup-dev`).
+.PHONY: setup setup-dev redis test lint demo clean
 
 VENV := .venv
 PY := $(VENV)/bin/python
 
 setup:
-	@bash scripts/setup.sh
+	@bash scripts/setup.sh base
+
+setup-dev:
+	@bash scripts/setup.sh dev
 
 redis: setup
 	@bash scripts/ensure-redis.sh
 
-lint: setup
+lint: setup-dev
 	$(VENV)/bin/ruff check .
 
-test: setup redis lint
+test: setup-dev redis lint
 	$(PY) -m pytest -q $(PYTEST_ARGS)
 
 demo: setup redis
