@@ -22,6 +22,7 @@ import argparse
 import importlib.util
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -118,20 +119,35 @@ def write_sd_job(folder: Path, count: int) -> Path:
 
 
 def stream_rate(folder: Path, workers: int, steps: int) -> dict:
-    """OutlierStream as the trainer drives it: outliers/s and MB/s of shard bytes over `steps` batches."""
+    """OutlierStream as the trainer drives it: outliers/s and MB/s of shard bytes over `steps` batches.
+
+    Wall rates follow the machine's load; the CPU time the epoch took in every process (this one
+    plus its DataLoader workers, which have exited when the epoch ends) does not, so the rate one
+    core sustains (`outliers_per_cpu_s`) is the figure to hold against a trainer's demand.
+    """
     stream = OutlierStream(folder, batch_size=BATCH, steps_per_epoch=steps, seed=0, workers=workers)
     sample_bytes = sum(info.bytes for info in stream.manifest.shards) / stream.manifest.num_samples
+    cpu_start = _cpu_seconds()
     batches = stream.epoch(0)
     next(batches)  # worker start-up and the first shard open are not the steady rate
     start = time.perf_counter()
     count = sum(len(batch) for batch in batches)
     seconds = time.perf_counter() - start
+    cpu = _cpu_seconds() - cpu_start
     return {
         "workers": workers,
         "outliers_per_s": count / seconds,
         "mb_per_s": count * sample_bytes / seconds / 2**20,
+        "cpu_ms_per_batch": 1000 * cpu / steps,
+        "outliers_per_cpu_s": steps * BATCH / cpu,
         "batches_timed": steps - 1,
     }
+
+
+def _cpu_seconds() -> float:
+    """User + system CPU of this process and its waited-for children (finished DataLoader workers)."""
+    own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def main() -> None:
@@ -183,11 +199,18 @@ def main() -> None:
             "demand": {"steps_per_s": args.demand_steps_per_s, "outliers_per_s": demand},
         }
         table = Table(title=f"SD-sized outliers: {written['samples']} x {per_sample_mb * 1024:.1f} KB, stream rate")
-        for column in ("workers", "outliers/s", "MB/s", "vs demand"):
+        for column in ("workers", "outliers/s", "MB/s", "CPU ms per batch", "outliers per CPU-s", "wall vs demand"):
             table.add_column(column, justify="right")
         for row in rates:
             versus = f"{row['outliers_per_s'] / demand:.1f}x" if demand else "-"
-            table.add_row(str(row["workers"]), f"{row['outliers_per_s']:.0f}", f"{row['mb_per_s']:.0f}", versus)
+            table.add_row(
+                str(row["workers"]),
+                f"{row['outliers_per_s']:.0f}",
+                f"{row['mb_per_s']:.0f}",
+                f"{row['cpu_ms_per_batch']:.1f}",
+                f"{row['outliers_per_cpu_s']:.0f}",
+                versus,
+            )
         table.caption = (
             f"demand: {args.demand_steps_per_s} steps/s x {BATCH} = {demand:.0f} outliers/s; "
             f"100k such outliers: {result['sd']['extrapolated_100k_gb']} GB (extrapolated)"

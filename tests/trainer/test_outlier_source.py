@@ -341,3 +341,16 @@ def test_the_real_writer_round_trips_through_both_readers(tmp_path, monkeypatch)
         assert np.array_equal(got.latent, wrote.latent) and got.latent.dtype == wrote.latent.dtype
         assert np.array_equal(got.embedding, wrote.embedding) and got.meta == wrote.meta and got.cls == wrote.cls
         assert got.latent.flags.writeable, "a copy, as numpy's reader gives"
+
+
+def test_the_training_stream_draws_the_same_outliers_with_either_tar_reader(world, monkeypatch):
+    from oal_trainer.data import OutlierStream
+
+    draws = []
+    for local in (True, False):
+        monkeypatch.setattr(shard_reader, "_is_local", lambda url, local=local: local)
+        stream = OutlierStream(world.shards, batch_size=8, steps_per_epoch=9, seed=3, shuffle_buffer=16)
+        draws.append([(batch.keys, batch.latents) for batch in stream.epoch(1)])
+    monkeypatch.undo()
+    assert [keys for keys, _ in draws[0]] == [keys for keys, _ in draws[1]]
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(draws[0], draws[1], strict=True))
