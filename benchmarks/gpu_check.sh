@@ -4,8 +4,8 @@
 #   2. sd_fp32    SD v1.x-architecture UNet it/s at batch 1/2/4/8 with guidance, VAE decode at 512, peak memory
 #   3. sd_fp16    the same in float16
 #   4. train_amp  trainer step cost: amp off/bf16/fp16 x channels_last on/off (ce, oal-energy)
-#   5. train_compile  the same with compile off/on (amp off/bf16, channels_last on)
-#   6. pytest_cuda    the tests marked `cuda`
+#   5. pytest_cuda    the tests marked `cuda`
+#   6. train_compile  trainer step cost with compile off/on (amp off/bf16, channels_last on)
 # Each part runs under its own timeout, capped by what is left of the total budget, so one hang
 # cannot eat the rest. Results: <out>/<part>.json and .log, <out>/summary.json and summary.txt.
 #
@@ -37,7 +37,7 @@ if [ "$DEVICE" = cuda ]; then
   TRAIN_ARGS=(--batch 512 --train-subset 4096 --rounds 5 --steps 5 --model resnet_small)
   AMP_MODES=(off bf16 fp16)
   COMPILE_ARGS=(--recipes ce oal-energy --amp off bf16)
-  T_SD32=110 T_SD16=90 T_AMP=120 T_COMPILE=130 T_PYTEST=150
+  T_SD32=110 T_SD16=90 T_AMP=120 T_PYTEST=180 T_COMPILE=110
 else
   # Dry run: the same commands at tiny sizes, to prove the script end to end without a GPU.
   # fp16 is CUDA only in the trainer (refused on the CPU), so the CPU run tries off and bf16.
@@ -89,6 +89,14 @@ if torch.cuda.is_available():
     props = torch.cuda.get_device_properties(0)
     info.update(device=props.name, capability=f"{props.major}.{props.minor}",
                 memory_gib=round(props.total_memory / 2**30, 1), bf16=torch.cuda.is_bf16_supported())
+# The trainer parts and tests train on Fashion-MNIST: say up front whether this machine has it.
+from oal_shared.data.fashion_mnist import find_split_files, fmnist_search_dirs
+from oal_shared.settings import get_settings
+found = [str(d) for d in fmnist_search_dirs(get_settings()) if find_split_files(d, "train")]
+info["fashion_mnist"] = found[0] if found else None
+if not found:
+    print("Fashion-MNIST not found: copy it (30 MB of .gz) to data/fashion-mnist or set OAL_FMNIST_DIR; "
+          "the trainer parts and their tests will fail without it")
 print(json.dumps(info, indent=2))
 open(sys.argv[1], "w").write(json.dumps(info, indent=2) + "\n")
 EOF
@@ -106,9 +114,6 @@ run_part "sd_$SD_HALF" "$T_SD16" "$PY" benchmarks/bench_sd_scale.py --device "$D
 run_part train_amp "$T_AMP" "$PY" benchmarks/bench_recipes.py --device "$DEVICE" --threads "$THREADS" \
   "${TRAIN_ARGS[@]}" --recipes ce oal-energy --amp "${AMP_MODES[@]}" --channels-last on off \
   --json "$OUT_DIR/train_amp.json"
-run_part train_compile "$T_COMPILE" "$PY" benchmarks/bench_recipes.py --device "$DEVICE" --threads "$THREADS" \
-  "${TRAIN_ARGS[@]}" "${COMPILE_ARGS[@]}" --compile off on \
-  --json "$OUT_DIR/train_compile.json"
 
 # The cuda tests; the worker test needs Redis: a throwaway server on a spare port if one is installed.
 MARKS="cuda"
@@ -127,6 +132,10 @@ run_part pytest_cuda "$T_PYTEST" "$PY" -m pytest -m "$MARKS" -q -rA -p no:cachep
   --junitxml "$OUT_DIR/pytest_cuda.xml" tests
 [ -n "$REDIS_PID" ] && kill "$REDIS_PID" 2>/dev/null
 
+run_part train_compile "$T_COMPILE" "$PY" benchmarks/bench_recipes.py --device "$DEVICE" --threads "$THREADS" \
+  "${TRAIN_ARGS[@]}" "${COMPILE_ARGS[@]}" --compile off on \
+  --json "$OUT_DIR/train_compile.json"
+
 "$PY" - "$OUT_DIR" "$DEVICE" "$MARKS" <<'EOF'
 """summary.json and summary.txt from the parts' JSON files."""
 import json, sys, xml.etree.ElementTree as ET
@@ -141,7 +150,8 @@ summary = {"device": device, "parts": parts, "env": load("env"), "pytest_marks":
 lines = [f"gpu_check on {device}: " + ", ".join(f"{p['part']} rc={p['rc']} {p['seconds']}s" + (" TIMEOUT" if p["timed_out"] else "") for p in parts)]
 env = summary["env"] or {}
 lines.append(f"torch {env.get('torch')} cuda {env.get('cuda_build')} available={env.get('cuda_available')} "
-             f"device={env.get('device')} bf16={env.get('bf16')} load={env.get('loadavg')}")
+             f"device={env.get('device')} bf16={env.get('bf16')} load={env.get('loadavg')} "
+             f"fashion_mnist={env.get('fashion_mnist')}")
 for name in ("sd_fp32", "sd_float16", "sd_bfloat16"):
     sd = load(name)
     if sd:

@@ -6,6 +6,7 @@ benchmarks/bench_sd_scale.py measures the same models.
 
 from __future__ import annotations
 
+import copy
 import sys
 from pathlib import Path
 
@@ -19,9 +20,15 @@ from bench_sd_scale import build_models, denoise  # noqa: E402
 pytestmark = pytest.mark.cuda
 
 
+@pytest.fixture(scope="module")
+def sd_models():
+    """The three SD v1.x networks with random weights, built once (about 1.1B parameters, on the CPU)."""
+    return build_models()
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
-def test_sd_v1_architecture_denoises_and_decodes_on_cuda(dtype):
-    unet, vae, text_encoder = (m.to("cuda", dtype) for m in build_models())
+def test_sd_v1_architecture_denoises_and_decodes_on_cuda(sd_models, dtype):
+    unet, vae, text_encoder = (copy.deepcopy(m).to("cuda", dtype) for m in sd_models)
     with torch.inference_mode():
         latents, image = denoise(unet, vae, text_encoder, batch=2, steps=3, guidance=7.5, device="cuda", dtype=dtype)
     assert latents.shape == (2, 4, 64, 64) and latents.dtype == dtype
