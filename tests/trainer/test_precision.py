@@ -198,3 +198,17 @@ def test_a_compiled_run_saves_plain_keys_and_resumes_uncompiled(tmp_path):
     plain = build_model("resnet_tiny", 6, 1, 28, "auto")
     load_weights(plain, run_dir / "model.safetensors")  # strict: every key matches an uncompiled model
     assert json.loads((run_dir / "run.json").read_text())["precision"]["compile"] is False
+
+
+def test_a_non_finite_loss_under_bf16_still_stops_the_run_and_names_the_mode(world, monkeypatch):
+    from oal_trainer.objective import OALObjective
+
+    real_forward = OALObjective.forward
+
+    def nan_forward(self, batch):
+        losses = real_forward(self, batch)
+        return StepLosses(terms=losses.terms, loss=losses.loss * float("nan"), q_fit=losses.q_fit)
+
+    monkeypatch.setattr(OALObjective, "forward", nan_forward)
+    with pytest.raises(FloatingPointError, match=r"loss is nan at step 0 .*; under amp=bf16 values round"):
+        fit(tiny_config("ce", amp="bf16", evaluate=False), world["root"] / "bf16-nan", settings=world["settings"])

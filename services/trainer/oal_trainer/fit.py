@@ -159,7 +159,7 @@ def train_epoch(
     epoch_sums = TensorSums()
     # The watch looks at the loss itself, never at fp16's scaled gradients: a step the GradScaler
     # skips for overflowing gradients has a finite loss and is no error.
-    watch = FiniteWatch(hint=_not_finite_hint(run.config.amp))
+    watch = FiniteWatch(hint=precision.not_finite_hint)
     last = time.perf_counter()
     for batch in autocast_each(run.batches(epoch), precision):
         with precision.autocast():
@@ -238,14 +238,6 @@ def _start(run: Run, hooks: FitHooks) -> None:
     )
     if hooks.on_start:
         hooks.on_start(run.state.step, run.total_steps)
-
-
-def _not_finite_hint(amp: str) -> str:
-    if amp == "fp16":
-        return "amp=fp16 overflowed in the forward pass (above 65504); amp=bf16 has float32's range"
-    if amp == "bf16":
-        return "amp=bf16 keeps 8 bits of mantissa; try amp=off to see whether precision is the cause"
-    return ""
 
 
 def _save_checkpoint(run: Run, precision: Precision) -> None:

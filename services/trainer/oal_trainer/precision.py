@@ -102,6 +102,15 @@ class Precision:
         self.scaler.load_state_dict(state)
         self._last_scale = self.scaler.get_scale()
 
+    @property
+    def not_finite_hint(self) -> str:
+        """What the mode may have to do with a non-finite loss (appended to the loop's error)."""
+        if self.amp == "fp16":
+            return "under amp=fp16 a value may have overflowed (above 65504); amp=bf16 has float32's range"
+        if self.amp == "bf16":
+            return "under amp=bf16 values round to 8 significant bits; try amp=off to see whether that is the cause"
+        return ""
+
     def record(self) -> dict[str, Any]:
         """What run.json says about the precision the run trained in."""
         record: dict[str, Any] = {"amp": self.amp}
