@@ -61,7 +61,7 @@ def stop_after_first(epochs_done: int, means: dict) -> None:
 
 
 def test_an_fp16_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(world, monkeypatch):
-    # Deterministic cuDNN: otherwise two uninterrupted runs already differ in the last bits.
+    # Deterministic cuDNN convolutions, so what differs is what the resume did.
     monkeypatch.setattr(torch.backends.cudnn, "deterministic", True)
     monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
     config = tiny_config("oal-energy", amp="fp16", epochs=2, evaluate=False, **world["inputs"])
@@ -74,7 +74,11 @@ def test_an_fp16_run_resumed_from_its_checkpoint_ends_as_an_uninterrupted_one(wo
     resumed = fit(config, run_dir, settings=world["settings"])
     a, b = load_file(whole.run_dir / "model.safetensors"), load_file(resumed.run_dir / "model.safetensors")
     assert a.keys() == b.keys()
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    # Close, not equal: some CUDA backward kernels (adaptive average pooling) add with atomics, so
+    # even two uninterrupted runs differ in the last bits. A scale restarted at 2**16 would differ in
+    # which steps were skipped, and so in whole steps.
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], rtol=1e-3, atol=1e-5, msg=key)
     scale = [json.loads((d / "run.json").read_text())["precision"]["final_scale"] for d in (whole.run_dir, run_dir)]
     assert scale[0] == scale[1]
 

@@ -212,3 +212,15 @@ def test_a_non_finite_loss_under_bf16_still_stops_the_run_and_names_the_mode(wor
     monkeypatch.setattr(OALObjective, "forward", nan_forward)
     with pytest.raises(FloatingPointError, match=r"loss is nan at step 0 .*; under amp=bf16 values round"):
         fit(tiny_config("ce", amp="bf16", evaluate=False), world["root"] / "bf16-nan", settings=world["settings"])
+
+
+def test_an_fp16_step_passes_over_an_optimiser_whose_part_got_no_gradient():
+    used, unused = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1) for m in (used, unused)]
+    precision = Precision("fp16", torch.device("cpu"))
+    before = unused.weight.clone()
+    with precision.autocast():
+        out = used(torch.ones(4, 3))
+    precision.backward(out.float().mean())
+    precision.step(optimizers)  # torch's GradScaler alone would assert "No inf checks were recorded"
+    assert torch.equal(unused.weight, before) and precision.skipped_steps == 0

@@ -81,7 +81,10 @@ class Precision:
                 optimizer.step()
             return
         for optimizer in optimizers:
-            self.scaler.step(optimizer)
+            # GradScaler.step asserts it saw gradients; an optimiser whose part got none this step
+            # is skipped, as its plain step() would change nothing (no gradient, no update).
+            if any(p.grad is not None for group in optimizer.param_groups for p in group["params"]):
+                self.scaler.step(optimizer)
         self.scaler.update()
         # The scale drops only when this step found inf/nan gradients, i.e. was skipped. Reading it
         # is one more host sync; GradScaler.step already made one per optimiser (it reads found_inf).
