@@ -19,6 +19,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -230,7 +231,12 @@ def step_table(records: dict[str, StepRecord], log_of, logs: Path, total_s: floa
     return table
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    raise KeyboardInterrupt  # the same orderly stop as Ctrl-C: every running step's process ends
+
+
 def main() -> int:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
     args = parse_args()
     demo = Demo(args)
     steps = check_graph(demo_steps())
@@ -259,6 +265,7 @@ def main() -> int:
 
     started = time.perf_counter()
     failure: StepFailed | None = None
+    interrupted = False
     with Live(step_table(records, log_of, demo.logs), console=console, refresh_per_second=2, transient=True) as live:
 
         def tick() -> None:
@@ -271,12 +278,17 @@ def main() -> int:
             run_steps(steps, demo.actions(), records, args.lanes, demo.lanes, changed, tick)
         except StepFailed as exc:
             failure = exc
+        except KeyboardInterrupt:
+            interrupted = True
     total_s = time.perf_counter() - started
     console.print(step_table(records, log_of, demo.logs, total_s))
     write_timings(demo.out / "timings.json", args, records, total_s, load_start)
     if failure is not None:
-        console.print(f"[red]{failure}[/]; its log: {demo.log(failure.name)}")
+        console.print(f"[red]{failure}[/]")
         return 1
+    if interrupted:
+        console.print("[red]stopped by a signal[/]; a re-run reuses the finished generator, teacher and ce")
+        return 130
     console.print(f"report: {demo.out / 'report.md'}  timings: {demo.out / 'timings.json'}")
     return 0
 

@@ -12,7 +12,10 @@ with real callables in threads, one per lane, and stops every running step when 
 
 from __future__ import annotations
 
+import ctypes
+import signal
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
@@ -117,6 +120,17 @@ class StepRecord:
     detail: str = ""  # a short progress line a step may set while it runs
 
 
+# Looked up once here, not in the forked child, where loading a library could wait on a lock that
+# another thread held at the fork.
+_PRCTL = ctypes.CDLL(None, use_errno=True).prctl if sys.platform.startswith("linux") else None
+
+
+def _die_with_parent() -> None:
+    """In the child before exec: Linux sends it SIGTERM when the demo dies, even by SIGKILL."""
+    if _PRCTL is not None:
+        _PRCTL(1, signal.SIGTERM)  # 1 = PR_SET_PDEATHSIG
+
+
 @dataclass
 class Lanes:
     """What a running step can use: a stop flag, and a way to run a child process that honours it."""
@@ -128,7 +142,10 @@ class Lanes:
         """Runs argv to the end with its output in log_path; terminated when the schedule stops."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "ab") as log:
-            proc = subprocess.Popen(argv, env=dict(env), stdout=log, stderr=subprocess.STDOUT)
+            # The lane's thread forks it and outlives it, so the death signal follows the demo process.
+            proc = subprocess.Popen(
+                argv, env=dict(env), stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent
+            )
         while proc.poll() is None:
             if self.stop.wait(self.poll_s):
                 proc.terminate()
@@ -187,8 +204,13 @@ def run_steps(
                             context.stop.set()
                     on_change(name, record)
                 on_tick()
-        except BaseException:  # Ctrl-C: stop the running steps' processes before leaving
+        except BaseException:  # Ctrl-C or SIGTERM: stop the running steps' processes before leaving
             context.stop.set()
+            wait(running)
+            for name in running.values():
+                record = records[name]
+                record.state, record.seconds = "stopped", time.perf_counter() - started - record.start_s
+                on_change(name, record)
             raise
     if failure is not None:
         raise failure
