@@ -89,9 +89,8 @@ def thread_env(base: dict[str, str], threads: int) -> dict[str, str]:
     return {**base, **{name: str(threads) for name in pools}}
 
 
-LOG_PREFIX = re.compile(
-    r"^\d{4}-\d\d-\d\d [\d:,.]+ [A-Z]+ [\w.]+: "
-)  # "2026-12-01 10:39:21,583 INFO oal_trainer.fit: "
+# The logging prefix of the services, e.g. "2026-12-01 10:39:21,583 INFO oal_trainer.fit: "
+LOG_PREFIX = re.compile(r"^\d{4}-\d\d-\d\d [\d:,.]+ [A-Z]+ [\w.]+: ")
 
 
 def last_line(path: Path) -> str:

@@ -141,7 +141,7 @@ class Lanes:
     def run(self, argv: list[str], env: Mapping[str, str], log_path: Path) -> None:
         """Runs argv to the end with its output in log_path; terminated when the schedule stops."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "ab") as log:
+        with open(log_path, "wb") as log:  # this run's output only
             # The lane's thread forks it and outlives it, so the death signal follows the demo process.
             proc = subprocess.Popen(
                 argv, env=dict(env), stdout=log, stderr=subprocess.STDOUT, preexec_fn=_die_with_parent

@@ -21,7 +21,7 @@ def background(name: str, argv: list[str], env: dict[str, str], log_dir: Path, l
     """Runs a service process for the duration of the block; its output goes to log_dir/name.log."""
     log_dir.mkdir(parents=True, exist_ok=True)
     log_path = log_dir / f"{name}.log"
-    with open(log_path, "ab") as handle:
+    with open(log_path, "wb") as handle:  # this run's output only
         # Its own session: the demo stops it (and anything it forked) as a group, Ctrl-C or not.
         proc = subprocess.Popen(argv, env=env, stdout=handle, stderr=subprocess.STDOUT, start_new_session=True)
     try:
