@@ -8,7 +8,9 @@ the defaults (torch's, unless --threads) and the stream reads in its default Dat
 
 On a busy machine absolute rates drift, so the sources run in interleaved rounds (memory, stream,
 auto, memory, ...) and the result is the median of the per-round ratios. Target: stream / memory
->= 0.95. `auto` records which source it chose (run.json) and that is printed.
+>= 0.95. `auto` records which source it chose (run.json) and that is printed. Next to the rate,
+the CPU seconds each step took in all processes (training threads plus the reader worker): memory
+CPU / stream CPU is what the rate ratio tends to on two cores that do nothing else.
 
     .venv/bin/python benchmarks/bench_trainer_stream.py --teacher runs/demo/teacher \
         --shards runs/demo/shards/<job-id> --steps 60 --rounds 3
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import tempfile
 import time
@@ -49,27 +52,40 @@ def measure(source: str, args: argparse.Namespace) -> dict:
     config = resolve_config("oal", "demo", overrides=overrides)
     step_times: list[float] = []
     last = [time.perf_counter()]
+    cpu = {"start": 0.0, "end": 0.0}
 
     def on_step(_: StepInfo) -> None:
         now = time.perf_counter()
         step_times.append(now - last[0])
         last[0] = now
+        cpu["end"] = time.process_time()
 
     def on_start(_: int, __: int) -> None:
         last[0] = time.perf_counter()
+        cpu["start"] = time.process_time()
 
+    children_before = _children_cpu()
     with tempfile.TemporaryDirectory() as run_dir:
         out = Path(run_dir) / source
         fit(config, out, hooks=FitHooks(on_start=on_start, on_step=on_step))
         chosen = json.loads((out / "run.json").read_text())["outliers"]["source"]
     timed = step_times[WARMUP_STEPS:]
+    # CPU seconds per step, the training process (all threads) plus its outlier reader worker (a child
+    # that has exited by now): unlike the wall rate, this barely moves with other processes' load.
+    cpu_s = cpu["end"] - cpu["start"] + _children_cpu() - children_before
     return {
         "chosen": chosen,
         "steps": len(timed),
         "samples_per_s": batch * len(timed) / sum(timed),
         "median_step_ms": 1000 * statistics.median(timed),
+        "cpu_ms_per_step": 1000 * cpu_s / len(step_times),
         "load_average": os.getloadavg()[0],
     }
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def main() -> None:
@@ -90,22 +106,36 @@ def main() -> None:
         source: statistics.median(r[source]["samples_per_s"] / r["memory"]["samples_per_s"] for r in rounds)
         for source in ("stream", "auto")
     }
+    cpu_ratios = {
+        source: statistics.median(r["memory"]["cpu_ms_per_step"] / r[source]["cpu_ms_per_step"] for r in rounds)
+        for source in ("stream", "auto")
+    }
     threads = args.threads or "default"
     table = Table(title=f"oal training step rate, batch {args.batch_size}, threads {threads}, {args.rounds} rounds")
-    for column in ("outlier_source", "chosen", "ID samples/s per round", "median step (ms)", "/ memory"):
+    columns = (
+        "outlier_source",
+        "chosen",
+        "ID samples/s per round",
+        "rate / memory",
+        "CPU ms/step",
+        "memory CPU / this",
+    )
+    for column in columns:
         table.add_column(column, justify="right")
     for source in SOURCES:
         rates = " ".join(f"{r[source]['samples_per_s']:.0f}" for r in rounds)
-        step = statistics.median(r[source]["median_step_ms"] for r in rounds)
+        cpu = statistics.median(r[source]["cpu_ms_per_step"] for r in rounds)
         ratio = f"{ratios[source]:.3f}" if source in ratios else "1"
-        table.add_row(source, rounds[0][source]["chosen"], rates, f"{step:.0f}", ratio)
+        cpu_ratio = f"{cpu_ratios[source]:.3f}" if source in cpu_ratios else "1"
+        table.add_row(source, rounds[0][source]["chosen"], rates, ratio, f"{cpu:.0f}", cpu_ratio)
     loads = [r[s]["load_average"] for r in rounds for s in SOURCES]
     table.caption = (
         f"median of per-round ratios (target stream / memory >= 0.95); load average {min(loads):.1f}-{max(loads):.1f}"
     )
     Console().print(table)
     if args.json:
-        args.json.write_text(json.dumps({"rounds": rounds, "ratios": ratios, "threads": threads}, indent=2))
+        result = {"rounds": rounds, "ratios": ratios, "cpu_ratios": cpu_ratios, "threads": threads}
+        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":
