@@ -48,10 +48,24 @@ class ReaderDelta:
     errors: tuple[str, ...] = ()
 
 
-def collate_outliers(samples: list[OutlierSample]) -> OutlierBatch:
+def collate_outliers(samples: list[OutlierSample], shared: bool = False) -> OutlierBatch:
+    """Stack samples into float32 tensors, widening float16 latents on the way (one pass, one copy).
+
+    shared: allocate the tensors in shared memory, as a DataLoader worker's batch ends up anyway;
+    made there directly, the batch is not copied again on its way to the training process.
+    """
+    first = samples[0]
+
+    def stacked(arrays: list[np.ndarray], shape: tuple[int, ...]) -> torch.Tensor:
+        out = torch.empty((len(arrays), *shape), dtype=torch.float32)
+        if shared:
+            out.share_memory_()
+        np.stack(arrays, out=out.numpy(), casting="safe")
+        return out
+
     return OutlierBatch(
-        embeddings=torch.from_numpy(np.stack([s.embedding for s in samples]).astype(np.float32)),
-        latents=torch.from_numpy(np.stack([s.latent for s in samples]).astype(np.float32)),
+        embeddings=stacked([s.embedding for s in samples], first.embedding.shape),
+        latents=stacked([s.latent for s in samples], first.latent.shape),
         classes=torch.tensor([s.cls for s in samples], dtype=torch.int64),
         keys=tuple(s.key for s in samples),
     )

@@ -87,6 +87,7 @@ class OutlierStream(ManifestOutliers):
     def reader_batches(self, epoch: int, count: int, reader: int) -> Iterator[OutlierBatch]:
         """`count` batches from one reader (the main process or one worker), each with its counts."""
         stats = ReadStats()
+        in_worker = get_worker_info() is not None
         seen = {"samples": 0, "skipped": 0, "errors": 0, "restarts": 0}
         restarts = 0
 
@@ -98,7 +99,7 @@ class OutlierStream(ManifestOutliers):
                 errors=tuple(stats.errors[seen["errors"] :]),
             )
             seen.update(samples=stats.samples, skipped=stats.skipped, errors=len(stats.errors), restarts=restarts)
-            return replace(collate_outliers(samples), reader=delta)
+            return replace(collate_outliers(samples, shared=in_worker), reader=delta)
 
         # A batch is handed out only when full; a pipeline that stops early leaves `pending` for
         # the next one, so no batch is ever short.
