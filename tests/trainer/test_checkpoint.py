@@ -143,3 +143,17 @@ def test_a_write_that_fails_half_way_keeps_the_old_checkpoint(tmp_path, monkeypa
     assert path.read_bytes() == before
     assert json.loads(read_safetensors(path)[1]["state"])["epoch"] == 1
     assert [p.name for p in tmp_path.iterdir()] == ["last.safetensors"], "no temp file left behind"
+
+
+def test_a_field_added_since_the_checkpoint_resumes_only_at_its_default(tmp_path):
+    model = build_model("resnet_tiny", 6, 1)
+    optimizers = {"sgd": torch.optim.SGD(model.parameters(), lr=0.1)}
+    path = save_checkpoint(tmp_path / "last.safetensors", {"m": model}, optimizers, TrainingState(1, 4), {"lr": 0.1})
+    defaults = {"lr": 0.1, "amp": "off"}
+
+    state = load_checkpoint(path, {"m": model}, optimizers, {"lr": 0.1, "amp": "off"}, key_defaults=defaults)
+    assert state == TrainingState(1, 4)
+    with pytest.raises(CheckpointError, match="amp: None -> 'bf16'"):
+        load_checkpoint(path, {"m": model}, optimizers, {"lr": 0.1, "amp": "bf16"}, key_defaults=defaults)
+    with pytest.raises(CheckpointError, match="amp: None -> 'off'"):  # without defaults, a new key is a change
+        load_checkpoint(path, {"m": model}, optimizers, {"lr": 0.1, "amp": "off"})

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -178,10 +179,13 @@ def load_checkpoint(
     optimizers: dict[str, torch.optim.Optimizer],
     resume_key: dict[str, Any],
     schedulers: dict[str, LRScheduler] | None = None,
+    key_defaults: Mapping[str, Any] | None = None,
 ) -> TrainingState:
     """Restore modules, optimisers and schedulers in place; a config that differs from the checkpoint's is refused.
 
-    Build the schedulers before calling this: constructing one resets its optimiser's lr.
+    A key the checkpoint lacks is accepted when the wanted value is its default in `key_defaults`
+    (a field added since), so a trainer upgrade does not strand a run. Build the schedulers before
+    calling this: constructing one resets its optimiser's lr.
     """
     tensors, metadata = read_safetensors(path)
     if metadata.get("schema_version") != str(CHECKPOINT_SCHEMA_VERSION):
@@ -191,7 +195,13 @@ def load_checkpoint(
         )
     saved_key = json.loads(metadata["resume_key"])
     wanted = json.loads(json.dumps(resume_key, sort_keys=True))
-    differing = sorted(k for k in set(saved_key) | set(wanted) if saved_key.get(k) != wanted.get(k))
+    # A field added to the config after the checkpoint was written computed what its default computes.
+    defaults = json.loads(json.dumps(dict(key_defaults or {}), sort_keys=True))
+    differing = sorted(
+        k
+        for k in set(saved_key) | set(wanted)
+        if saved_key.get(k) != wanted.get(k) and not (k not in saved_key and k in defaults and wanted[k] == defaults[k])
+    )
     if differing:
         detail = ", ".join(f"{k}: {saved_key.get(k)!r} -> {wanted.get(k)!r}" for k in differing[:5])
         raise CheckpointError(

@@ -230,6 +230,15 @@ class TrainConfig(BaseModel):
         """The fields a checkpoint must agree on before a run may resume from it."""
         return {k: v for k, v in self.model_dump(mode="json").items() if k not in RUNTIME_FIELDS}
 
+    @classmethod
+    def resume_key_defaults(cls) -> dict[str, Any]:
+        """Each resume-key field's default, for checkpoints written before a field existed."""
+        return {
+            name: field.default
+            for name, field in cls.model_fields.items()
+            if name not in RUNTIME_FIELDS and not field.is_required()
+        }
+
 
 # Recipes: what each one adds to the defaults (docs/METHOD.md, Stage D). Fine-tuning recipes start from a `ce`
 # run (init_from) at the reference's small lr and see clean images, matching a cached teacher.

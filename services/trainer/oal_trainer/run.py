@@ -299,7 +299,14 @@ def build_run(config: TrainConfig, run_dir: Path, settings: Settings) -> Run:
         settings=settings,
     )
     if run.checkpoint_path.exists():
-        run.state = load_checkpoint(run.checkpoint_path, run.modules, optimizers, config.resume_key(), schedulers)
+        run.state = load_checkpoint(
+            run.checkpoint_path,
+            run.modules,
+            optimizers,
+            config.resume_key(),
+            schedulers,
+            key_defaults=TrainConfig.resume_key_defaults(),
+        )
         logger.info("Resuming %s from epoch %d (step %d)", run_dir, run.state.epoch, run.state.step)
     return run
 
