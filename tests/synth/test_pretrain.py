@@ -142,3 +142,23 @@ def test_presets_and_overrides_are_checked():
         with_overrides(PRESETS["smoke"], unet_steps=0)
     with pytest.raises(ConfigError, match=r"unknown pretrain config fields: \['epochs'\]"):
         with_overrides(PRESETS["smoke"], epochs=3)
+
+
+def test_pretrain_cli_set_overrides_the_preset_and_names_a_bad_item(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from oal_synth.cli import app
+
+    monkeypatch.setenv("OAL_TORCH_THREADS", "1")
+    runner = CliRunner()
+    out = tmp_path / "gen"
+    result = runner.invoke(app, ["pretrain", "--preset", "smoke", "--out", str(out), "--set", "vae_steps=5"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / PRETRAIN_REPORT_FILE).read_text())
+    assert report["config"]["vae_steps"] == 5 and len(report["losses"]["vae"]) == 5
+    assert report["config"]["unet_steps"] == PRESETS["smoke"].unet_steps
+
+    for item, words in (("vea_steps=5", "unknown pretrain field 'vea_steps'"), ("vae_steps=many", "must be int")):
+        result = runner.invoke(app, ["pretrain", "--preset", "smoke", "--out", str(tmp_path / "x"), "--set", item])
+        assert result.exit_code == 3 and words in result.output, result.output
+        assert not (tmp_path / "x").exists()
