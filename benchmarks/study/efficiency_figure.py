@@ -89,8 +89,8 @@ def main() -> int:
             xs = [p["outliers"] for p in points]
             means = [p[key]["mean"] for p in points]
             errors = [
-                [m - p[key]["ci"][0] for m, p in zip(means, points)],
-                [p[key]["ci"][1] - m for m, p in zip(means, points)],
+                [m - p[key]["ci"][0] for m, p in zip(means, points, strict=True)],
+                [p[key]["ci"][1] - m for m, p in zip(means, points, strict=True)],
             ]
             ax.errorbar(xs, means, yerr=errors, marker="o", capsize=4, label=recipe)
         ax.set_xscale("log")
