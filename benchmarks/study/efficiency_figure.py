@@ -1,10 +1,12 @@
 """Outlier efficiency of a sweep: a metric against the number of outliers each cell was fed.
 
-    python benchmarks/study/efficiency_figure.py runs/study/full --recipe oal-energy --recipe pixel-oe \
+    python benchmarks/study/efficiency_figure.py runs/study/full \
+        --curve oal-energy=oal-energy-n60,oal-energy-n150,oal-energy,oal-energy-n2400 \
+        --curve pixel-oe=pixel-oe-n60,pixel-oe-n150,pixel-oe,pixel-oe-n2400 \
         --baseline ce-ft --baseline kd --out docs/img/outlier-efficiency.png
 
-Every finished cell of a named recipe counts as one point; its outlier count is the `num_samples` of the
-manifest its `shards` config names (resolved from the folder the sweep ran in, `--root`). Points are the
+Each cell of a curve is one point; its outlier count is the `num_samples` of the manifest its `shards`
+config names (resolved from the folder the sweep ran in, `--root`). Points are the
 mean over seeds with the 95% t interval (oal_trainer.stats); the baselines are drawn as bands. Also
 writes a JSON and a Markdown table beside the figure: per point, the mean, the interval and the paired
 difference against each baseline.
@@ -33,7 +35,7 @@ LABELS = {METRICS[0]: "near-OOD FPR@95 (OOD+), %", METRICS[1]: "near-OOD AUROC, 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sweep", type=Path, help="sweep folder (holds sweep.json)")
-    parser.add_argument("--recipe", action="append", required=True, help="recipe whose cells form one curve")
+    parser.add_argument("--curve", action="append", required=True, help="NAME=cell,cell,...: one curve")
     parser.add_argument("--baseline", action="append", default=[], help="cell drawn as a band and paired against")
     parser.add_argument("--root", type=Path, default=Path("."), help="folder the sweep ran in (relative shards)")
     parser.add_argument("--scorer", default="energy")
@@ -41,11 +43,11 @@ def parse_args() -> argparse.Namespace:
     return parser.parse_args()
 
 
-def outlier_count(sweep: Path, root: Path, cell: str) -> int | None:
+def outlier_count(sweep: Path, root: Path, cell: str) -> int:
     record = json.loads((sweep / "sweep.json").read_text(encoding="utf-8"))
     shards = next(run["config"].get("shards") for run in record["runs"] if run["cell"] == cell)
     if not shards:
-        return None
+        raise SystemExit(f"cell {cell} trains on no outliers (no shards in its config)")
     path = Path(shards) if Path(shards).is_absolute() else root / shards
     return load_manifest(path).num_samples
 
@@ -70,15 +72,18 @@ def main() -> int:
     cells = {cell.name: cell for cell in load_cells(args.sweep, args.scorer) if cell.values}
     baselines = {name: cells[name] for name in args.baseline}
     curves: dict[str, list[dict]] = {}
-    for cell in cells.values():
-        if cell.recipe in args.recipe and cell.name not in baselines:
-            count = outlier_count(args.sweep, args.root, cell.name)
-            if count is not None:
-                curves.setdefault(cell.recipe, []).append({"outliers": count, **point(cell, baselines)})
+    for curve in args.curve:
+        name, _, members = curve.partition("=")
+        for cell_name in filter(None, members.split(",")):
+            if cell_name not in cells:
+                print(f"--curve {name}: {cell_name} has no finished run in {args.sweep}; left out")
+                continue
+            count = outlier_count(args.sweep, args.root, cell_name)
+            curves.setdefault(name, []).append({"outliers": count, **point(cells[cell_name], baselines)})
     for points in curves.values():
         points.sort(key=lambda p: p["outliers"])
     if not curves:
-        raise SystemExit(f"no finished cell of {args.recipe} in {args.sweep}")
+        raise SystemExit(f"no finished cell of {args.curve} in {args.sweep}")
 
     figure, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
     for ax, key in zip(axes, METRICS, strict=True):
