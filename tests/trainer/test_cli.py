@@ -101,7 +101,7 @@ def test_config_file_with_an_unknown_key_is_named(tmp_path):
 
 
 @pytest.mark.parametrize("preset", ["smoke", "demo", "full"])
-@pytest.mark.parametrize("recipe", ["ce", "kd", "oal", "oal-energy", "pixel-oe"])
+@pytest.mark.parametrize("recipe", ["ce", "kd", "oal", "oal-energy", "latent-energy", "pixel-oe"])
 def test_every_recipe_and_preset_resolves_and_round_trips(recipe, preset, tmp_path):
     needs = ["teacher_run=/t", "init_from=/c", "shards=/s", "generator_dir=/g"]
     config = resolve_config(recipe, preset, overrides=needs)

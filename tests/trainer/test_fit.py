@@ -89,7 +89,7 @@ def test_each_recipe_writes_a_complete_run_dir(world, recipe):
     if recipe != "ce":
         assert info["init_from"]["weights_sha256"] == sha256_file(world.ce / "model.safetensors")
         assert not _same_weights(_weights(run_dir), _weights(world.ce)), "fine-tuning changed nothing"
-    if recipe in ("oal", "oal-energy", "pixel-oe"):
+    if recipe in ("oal", "oal-energy", "latent-energy", "pixel-oe"):
         assert info["outliers"]["batches"] == 4 and info["outliers"]["latent_shape"] == [4, 8, 8]
 
 

@@ -25,6 +25,7 @@ RECIPE_TERMS = {
     "kd": {"ce", "logit_kd", "feature_kd"},
     "oal": {"ce", "logit_kd", "feature_kd", "club_emb", "club_latent", "club_emb_q", "club_latent_q"},
     "oal-energy": {"ce", "logit_kd", "feature_kd", "club_emb", "club_latent", "club_emb_q", "club_latent_q", "energy"},
+    "latent-energy": {"ce", "energy"},
     "pixel-oe": {"ce", "oe", "energy"},
 }
 
@@ -191,3 +192,12 @@ def test_missing_teacher_outputs_or_outliers_are_named():
         objective(StepBatch(**{**batch.__dict__, "teacher_logits": None}))
     with pytest.raises(LossInputError, match="no outliers"):
         objective(_batch(config, with_outliers=False))
+
+
+def test_latent_energy_is_oal_energy_without_teacher_or_micl():
+    # The full study ran this recipe as an oal-energy cell with those weights zeroed (docs/RESULTS.md).
+    zeroed = ("w_logit_kd=0", "w_feature_kd=0", "w_club_emb=0", "w_club_latent=0")
+    named = resolve_config("latent-energy", "demo", overrides=["init_from=/c", "shards=/s"])
+    cell = resolve_config("oal-energy", "demo", overrides=["init_from=/c", "shards=/s", *zeroed])
+    assert named.model_dump(exclude={"recipe"}) == cell.model_dump(exclude={"recipe"})
+    assert not named.uses_teacher and named.w_energy > 0

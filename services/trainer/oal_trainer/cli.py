@@ -93,7 +93,9 @@ class ProgressBar:
             self.bar.close()
 
 
-RecipeOption = Annotated[str, typer.Option("--recipe", "-r", help="ce, kd, oal, oal-energy or pixel-oe.")]
+RecipeOption = Annotated[
+    str, typer.Option("--recipe", "-r", help="ce, kd, oal, oal-energy, latent-energy or pixel-oe.")
+]
 OutOption = Annotated[Path, typer.Option("--out", "-o", help="Run directory (resumed if it holds a checkpoint).")]
 ConfigOption = Annotated[Path | None, typer.Option("--config", help="JSON file of config keys.")]
 SetOption = Annotated[list[str] | None, typer.Option("--set", help="key=value override; repeatable.")]

@@ -43,7 +43,7 @@ class SweepCell(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    recipe: str = Field(description="Recipe name (ce, kd, oal, oal-energy, pixel-oe).")
+    recipe: str = Field(description="Recipe name (ce, kd, oal, oal-energy, latent-energy, pixel-oe).")
     set: dict[str, Any] = Field(default_factory=dict, description="Config overrides of this cell.")
     vary: dict[str, list[Any]] = Field(
         default_factory=dict, description="Config key -> values; the cell expands to their product."
