@@ -5,7 +5,8 @@ client -> API -> Redis queue -> worker -> shards -> trainer -> runs/demo/
 Steps, run in parallel lanes (scripts/demo_schedule.py), each after the steps it needs:
   pretrain generator -> synthesise outliers (API + worker, one job over REST) -> decode outlier grid
   train teacher (a larger `ce` model), train ce (the student's start)
-  train kd, oal, oal-energy, pixel-oe (need teacher, ce and the outliers) -> compare the recipes
+  train kd, oal, oal-energy (need teacher, ce and the outliers), pixel-oe (ce and the outliers)
+  -> compare the recipes
 The generator, teacher and ce student are reused from an earlier run when finished (--fresh
 retrains them); the rest is repeated. Each step's output goes to OUT/logs/<step>.log, the step
 table and the total wall time to the terminal and OUT/timings.json.
@@ -30,6 +31,8 @@ from rich import box
 from rich.console import Console
 from rich.live import Live
 from rich.table import Table
+
+from oal_trainer.recipes import RECIPE_OVERRIDES, TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
@@ -67,9 +70,18 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
+def distils(recipe: str) -> bool:
+    """Whether the recipe learns from the teacher (kd, oal, oal-energy); pixel-oe does not wait for it."""
+    return TrainConfig.model_construct(**RECIPE_OVERRIDES[recipe]).uses_teacher
+
+
 def demo_steps() -> list[Step]:
     students = [
-        Step(f"train {r}", ("train teacher", "train ce", "synthesise outliers"), COSTS[f"train {r}"])
+        Step(
+            f"train {r}",
+            ("train teacher", "train ce", "synthesise outliers") if distils(r) else ("train ce", "synthesise outliers"),
+            COSTS[f"train {r}"],
+        )
         for r in STUDENT_RECIPES
     ]
     return [
@@ -159,7 +171,8 @@ class Demo:
 
     def student(self, recipe: str) -> None:
         shutil.rmtree(self.out / recipe, ignore_errors=True)  # a fine-tune is always repeated
-        extra = ["--set", f"teacher_run={self.out / 'teacher'}", "--set", f"init_from={self.out / 'ce'}"]
+        extra = ["--set", f"teacher_run={self.out / 'teacher'}"] if distils(recipe) else []
+        extra += ["--set", f"init_from={self.out / 'ce'}"]
         extra += ["--set", f"shards={self.shard_dir}", "--set", f"generator_dir={self.generator_dir}"]
         self.fit(recipe, recipe, extra)
 
