@@ -5,7 +5,8 @@ client -> API -> Redis queue -> worker -> shards -> trainer -> runs/demo/
 Steps, run in parallel lanes (scripts/demo_schedule.py), each after the steps it needs:
   pretrain generator -> synthesise outliers (API + worker, one job over REST) -> decode outlier grid
   train teacher (a larger `ce` model), train ce (the student's start)
-  train kd, oal, oal-energy (need teacher, ce and the outliers), pixel-oe (ce and the outliers)
+  train kd, oal, oal-energy (need teacher, ce and the outliers), latent-energy and pixel-oe (ce and
+  the outliers), ce-ft (ce alone: the fair baseline, the same extra epoch with cross-entropy)
   -> compare the recipes
 The generator, teacher and ce student are reused from an earlier run when finished (--fresh
 retrains them); the rest is repeated. Each step's output goes to OUT/logs/<step>.log, the step
@@ -32,11 +33,17 @@ from oal_trainer.recipes import RECIPE_OVERRIDES, TrainConfig
 
 REPO = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
-STUDENT_RECIPES = ("kd", "oal", "oal-energy", "pixel-oe")
-# Each step's seconds in the sequential 2-thread demo on 2 idle cores (README, Timings, 2026-11-28).
-# Only the order of ready steps uses them: the longest remaining chain (the teacher's) goes first.
+# Fine-tunes of the `ce` student, one epoch each. latent-energy is the recipe the full study supports
+# (docs/RESULTS.md); ce-ft is `ce` trained that extra epoch at the fine-tuning lr, the fair baseline.
+STUDENT_RECIPES = ("ce-ft", "kd", "oal", "oal-energy", "latent-energy", "pixel-oe")
+RUN_RECIPE = {"ce-ft": "ce"}  # run name -> recipe, where they differ
+RUN_SETS = {"ce-ft": ["epochs=1", "lr=0.005", "augment=false"]}  # as the fine-tuning recipes train
+# Each step's seconds in the sequential 2-thread demo on 2 idle cores (README, Timings, 2026-11-28;
+# ce-ft and latent-energy were added later: estimates). Only the order of ready steps uses them:
+# the longest remaining chain (the teacher's) goes first.
 COSTS = {"pretrain generator": 157, "train teacher": 331, "train ce": 59, "synthesise outliers": 31}
 COSTS |= {"train kd": 59, "train oal": 41, "train oal-energy": 42, "train pixel-oe": 61}
+COSTS |= {"train ce-ft": 30, "train latent-energy": 35}
 console = Console()
 
 
@@ -67,19 +74,23 @@ def parse_args() -> argparse.Namespace:
 
 
 def distils(recipe: str) -> bool:
-    """Whether the recipe learns from the teacher (kd, oal, oal-energy); pixel-oe does not wait for it."""
-    return TrainConfig.model_construct(**RECIPE_OVERRIDES[recipe]).uses_teacher
+    """Whether the run learns from the teacher (kd, oal, oal-energy); the others do not wait for it."""
+    return TrainConfig.model_construct(**RECIPE_OVERRIDES[RUN_RECIPE.get(recipe, recipe)]).uses_teacher
+
+
+def uses_outliers(recipe: str) -> bool:
+    return TrainConfig.model_construct(**RECIPE_OVERRIDES[RUN_RECIPE.get(recipe, recipe)]).uses_outliers
 
 
 def demo_steps() -> list[Step]:
-    students = [
-        Step(
-            f"train {r}",
-            ("train teacher", "train ce", "synthesise outliers") if distils(r) else ("train ce", "synthesise outliers"),
-            COSTS[f"train {r}"],
+    def needs(run: str) -> tuple[str, ...]:
+        return (
+            *(("train teacher",) if distils(run) else ()),
+            "train ce",
+            *(("synthesise outliers",) if uses_outliers(run) else ()),
         )
-        for r in STUDENT_RECIPES
-    ]
+
+    students = [Step(f"train {r}", needs(r), COSTS[f"train {r}"]) for r in STUDENT_RECIPES]
     return [
         Step("pretrain generator", (), COSTS["pretrain generator"], reusable=True),
         Step("train teacher", (), COSTS["train teacher"], reusable=True),
@@ -154,8 +165,11 @@ class Demo:
         shutil.rmtree(self.out / recipe, ignore_errors=True)  # a fine-tune is always repeated
         extra = ["--set", f"teacher_run={self.out / 'teacher'}"] if distils(recipe) else []
         extra += ["--set", f"init_from={self.out / 'ce'}"]
-        extra += ["--set", f"shards={self.shard_dir}", "--set", f"generator_dir={self.generator_dir}"]
-        self.fit(recipe, recipe, extra)
+        if uses_outliers(recipe):
+            extra += ["--set", f"shards={self.shard_dir}", "--set", f"generator_dir={self.generator_dir}"]
+        for item in RUN_SETS.get(recipe, []):
+            extra += ["--set", item]
+        self.fit(recipe, RUN_RECIPE.get(recipe, recipe), extra)
 
     def synthesise(self, record: StepRecord) -> None:
         port = self.args.port or _free_port()
