@@ -29,6 +29,7 @@ from oal_trainer.stats import paired_difference, summarise  # noqa: E402
 from oal_trainer.sweep_report import CellResults, load_cells  # noqa: E402
 
 METRICS = (f"near_{FPR95_OOD_POSITIVE}", f"near_{AUROC}", "id_accuracy")
+BAND_COLOURS = ("grey", "tab:brown", "tab:purple", "tab:olive")
 LABELS = {METRICS[0]: "near-OOD FPR@95 (OOD+), %", METRICS[1]: "near-OOD AUROC, %", METRICS[2]: "ID accuracy, %"}
 
 
@@ -87,9 +88,9 @@ def main() -> int:
 
     figure, axes = plt.subplots(1, len(METRICS), figsize=(5 * len(METRICS), 4))
     for ax, key in zip(axes, METRICS, strict=True):
-        for name, base in baselines.items():
+        for (name, base), colour in zip(baselines.items(), BAND_COLOURS, strict=False):
             summary = summarise([100 * v[key] for v in base.values.values()])
-            ax.axhspan(summary.ci_low, summary.ci_high, alpha=0.15, label=f"{name} (95% CI)")
+            ax.axhspan(summary.ci_low, summary.ci_high, color=colour, alpha=0.2, label=f"{name} (95% CI)")
         for recipe, points in curves.items():
             xs = [p["outliers"] for p in points]
             means = [p[key]["mean"] for p in points]

@@ -14,7 +14,7 @@ from oal_trainer.sweep import run_sweep
 from oal_trainer.sweep_report import build_sweep_report
 from oal_trainer.sweep_spec import read_sweep_file, resolve_runs
 
-TINY = 'set = { train_subset = 96, eval_subset = 48, batch_size = 32, log_interval = 1 }'
+TINY = "set = { train_subset = 96, eval_subset = 48, batch_size = 32, log_interval = 1 }"
 
 
 def _write(path: Path, text: str) -> Path:
@@ -63,7 +63,7 @@ vary = {{ w_logit_kd = [1.0, 4.0] }}
             'seeds = [1]\n[cells.a]\nrecipe = "ce"\nseeds = [0]\n[cells.b]\nrecipe = "kd"\ninit = "a"',
             "cells.b.init: cell 'a' has no run with seed 1",
         ),
-        ('seeds = [0]\ncells = {}', "cells"),
+        ("seeds = [0]\ncells = {}", "cells"),
         ('seeds = [0]\n[cells.a]\nrecipe = "kd"', "cells.a: teacher_run: required when w_logit_kd"),
         ("seeds = [0", "not valid TOML"),
     ],
@@ -143,6 +143,10 @@ set = {{ lr = 0.005, augment = false }}
     assert set(elsewhere.paths.values()) == {
         tmp_path / "report" / name for name in ("sweep_report.md", "sweep_results.csv", "sweep_report.png")
     }
+    only_ft = build_sweep_report(out, [], out_dir=tmp_path / "only", only=["ft"])
+    assert [cell.name for cell in only_ft.cells] == ["ft"] and "| ce |" not in only_ft.markdown
+    with pytest.raises(ConfigError, match="--cell nope: no such cell"):
+        build_sweep_report(out, [], write=False, only=["nope"])
 
 
 def test_a_second_sweep_on_the_same_folder_is_refused(tmp_path):

@@ -185,15 +185,18 @@ def report(
     baseline: Annotated[
         list[str] | None, typer.Option("--baseline", help="Sweep cell to pair the others against; repeatable.")
     ] = None,
+    cell: Annotated[
+        list[str] | None, typer.Option("--cell", help="Sweep cell to report (default: all); repeatable.")
+    ] = None,
 ) -> None:
     """Put runs side by side (report.md, report.png); for a sweep folder, statistics over seeds."""
     from oal_trainer.sweep_report import build_sweep_report, is_sweep_dir
 
     if len(run_dirs) == 1 and is_sweep_dir(run_dirs[0]):
-        result = build_sweep_report(run_dirs[0], baseline or [], scorer=scorer, out_dir=out)
+        result = build_sweep_report(run_dirs[0], baseline or [], scorer=scorer, out_dir=out, only=cell or [])
     else:
-        if baseline:
-            raise ConfigError("--baseline: only for a sweep folder (one made by `oal-train sweep`)")
+        if baseline or cell:
+            raise ConfigError("--baseline, --cell: only for a sweep folder (one made by `oal-train sweep`)")
         from oal_trainer.report import build_report
 
         result = build_report(run_dirs, out, scorer=scorer)

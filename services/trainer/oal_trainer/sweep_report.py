@@ -228,13 +228,22 @@ def build_sweep_report(
     scorer: str = DEFAULT_SCORER,
     write: bool = True,
     out_dir: Path | None = None,
+    only: Sequence[str] = (),
 ) -> SweepReport:
-    """The report of a sweep folder; its files go into `out_dir` (default: the sweep folder)."""
+    """The report of a sweep folder; its files go into `out_dir` (default: the sweep folder).
+
+    `only` keeps those cells, in that order (a big sweep's figure is unreadable otherwise)."""
     sweep_dir = Path(sweep_dir)
     if not is_sweep_dir(sweep_dir):
         raise ConfigError(f"{sweep_dir}: no {SWEEP_FILE}; is it a folder made by `oal-train sweep`?")
     cells = load_cells(sweep_dir, scorer)
     by_name = {cell.name: cell for cell in cells}
+    for name in only:
+        if name not in by_name:
+            raise ConfigError(f"--cell {name}: no such cell; cells: {', '.join(by_name)}")
+    if only:
+        cells = tuple(by_name[name] for name in dict.fromkeys([*only, *baselines]))
+        by_name = {cell.name: cell for cell in cells}
     for baseline in baselines:
         if baseline not in by_name:
             raise ConfigError(f"--baseline {baseline}: no such cell; cells: {', '.join(by_name)}")
