@@ -49,6 +49,8 @@ def measure(source: str, args: argparse.Namespace) -> dict:
     ]
     if args.threads:
         overrides.append(f"threads={args.threads}")
+    if args.outlier_workers is not None:
+        overrides.append(f"outlier_workers={args.outlier_workers}")
     config = resolve_config("oal", "demo", overrides=overrides)
     step_times: list[float] = []
     last = [time.perf_counter()]
@@ -96,6 +98,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--threads", type=int, default=0, help="torch threads; 0 = the default")
+    parser.add_argument("--outlier-workers", type=int, help="reader processes of the stream; default: the config's")
     parser.add_argument("--json", type=Path, help="also write the numbers here")
     args = parser.parse_args()
 
