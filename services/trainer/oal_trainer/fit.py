@@ -31,7 +31,6 @@ from oal_trainer.checkpoint import (
     MODEL_FILE,
     TrainingState,
     read_grad_scaler_state,
-    save_checkpoint,
     save_weights,
 )
 from oal_trainer.data import slice_benchmark
@@ -123,7 +122,7 @@ def fit(
         step, epoch_means = train_epoch(run, epoch, step, hooks, log, precision)
         run.state = TrainingState(epoch=epoch + 1, step=step)
         if run.ctx.is_main:
-            _save_checkpoint(run, precision)
+            run.save_checkpoint(grad_scaler=precision.state_dict())
             if hooks.on_epoch_end:
                 hooks.on_epoch_end(epoch + 1, epoch_means)
         barrier(run.ctx)
@@ -238,19 +237,6 @@ def _start(run: Run, hooks: FitHooks) -> None:
     )
     if hooks.on_start:
         hooks.on_start(run.state.step, run.total_steps)
-
-
-def _save_checkpoint(run: Run, precision: Precision) -> None:
-    """Run.save_checkpoint's file plus the GradScaler's state, so an fp16 run resumes at its scale."""
-    save_checkpoint(
-        run.checkpoint_path,
-        run.modules,
-        run.optimizers,
-        run.state,
-        run.config.resume_key(),
-        run.schedulers,
-        grad_scaler=precision.state_dict(),
-    )
 
 
 def _finish(run: Run, train_seconds: float, precision: Precision) -> FitResult:

@@ -161,9 +161,16 @@ class Run:
         """The student's learning rate for the next step."""
         return self.optimizers["student"].param_groups[0]["lr"]
 
-    def save_checkpoint(self) -> None:
+    def save_checkpoint(self, grad_scaler: dict | None = None) -> None:
+        """The resumable state; `grad_scaler` (fp16's GradScaler state) so an fp16 run resumes at its scale."""
         save_checkpoint(
-            self.checkpoint_path, self.modules, self.optimizers, self.state, self.config.resume_key(), self.schedulers
+            self.checkpoint_path,
+            self.modules,
+            self.optimizers,
+            self.state,
+            self.config.resume_key(),
+            self.schedulers,
+            grad_scaler=grad_scaler,
         )
 
     def batches(self, epoch: int) -> Iterator[StepBatch]:
