@@ -73,13 +73,17 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def distils(recipe: str) -> bool:
+def _recipe_defaults(run: str) -> TrainConfig:
+    return TrainConfig.model_construct(**RECIPE_OVERRIDES[RUN_RECIPE.get(run, run)])
+
+
+def distils(run: str) -> bool:
     """Whether the run learns from the teacher (kd, oal, oal-energy); the others do not wait for it."""
-    return TrainConfig.model_construct(**RECIPE_OVERRIDES[RUN_RECIPE.get(recipe, recipe)]).uses_teacher
+    return _recipe_defaults(run).uses_teacher
 
 
-def uses_outliers(recipe: str) -> bool:
-    return TrainConfig.model_construct(**RECIPE_OVERRIDES[RUN_RECIPE.get(recipe, recipe)]).uses_outliers
+def uses_outliers(run: str) -> bool:
+    return _recipe_defaults(run).uses_outliers
 
 
 def demo_steps() -> list[Step]:
