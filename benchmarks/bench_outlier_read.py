@@ -2,10 +2,11 @@
 
 Two measurements, JSON out (`--json`), a rich table on the terminal:
 
-1. `--shards DIR` (a finished job) and `--baseline-rev REV`: the reader as the trainer drives it
-   (`outlier_pipeline`, resampled, shuffle buffer 1000, the manifest's layout checked), in
-   interleaved rounds against the reader of git revision REV (its reader.py and schema.py loaded
-   from `git show`), so both see the same machine load. Microseconds of one process per sample.
+1. `--shards DIR` (a finished job) and `--baseline-rev REV`: three readers in interleaved rounds,
+   so all see the same machine load, in microseconds of one process per sample: the per-sample
+   pipeline (`outlier_pipeline`, resampled, shuffle buffer 1000, the manifest's layout checked) of
+   git revision REV (its reader.py and schema.py loaded from `git show`) and of today, and the
+   whole-shard block reader the trainer's sources use now (`read_shard_block`, every shard in turn).
 2. `--sd N`: writes N Stable-Diffusion-sized samples (4x64x64 float16 latents, 768-d float32
    embeddings, 1000 per shard, the synthesis default) through the real shard writer and manifest
    into a temp folder, then times `OutlierStream` (128 per step, as the trainer uses it) with 0, 1
@@ -35,6 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from oal_shared.shards import OutlierSample, load_manifest, outlier_pipeline, sample_key, write_manifest, write_shard
+from oal_shared.shards.blocks import read_shard_block
 from oal_trainer.data import OutlierStream
 
 REPO = Path(__file__).resolve().parents[1]
@@ -75,18 +77,31 @@ def read_cost_us(pipeline_fn, urls: list[str], layout, samples: int) -> float:
     return 1e6 * (time.perf_counter() - start) / count
 
 
+def block_cost_us(manifest, samples: int) -> float:
+    """Microseconds per sample to read whole shards, in turn, until `samples` are read."""
+    count, start = 0, time.perf_counter()
+    while count < samples:
+        for path, info in zip(manifest.shard_paths, manifest.shards, strict=True):
+            count += len(read_shard_block(path, info, manifest.layout))
+    return 1e6 * (time.perf_counter() - start) / count
+
+
 def compare_readers(shards: Path, rev: str, rounds: int, samples: int) -> dict:
     manifest = load_manifest(shards)
     urls = [str(path) for path in manifest.shard_paths]
     baseline = load_baseline_reader(rev)
-    readers = {"baseline": baseline.outlier_pipeline, "current": outlier_pipeline}
-    for fn in readers.values():  # warm-up: imports, page cache, .npy header cache
-        read_cost_us(fn, urls, manifest.layout, min(samples, 500))
+    readers = {
+        "baseline": lambda n: read_cost_us(baseline.outlier_pipeline, urls, manifest.layout, n),
+        "per-sample": lambda n: read_cost_us(outlier_pipeline, urls, manifest.layout, n),
+        "blocks": lambda n: block_cost_us(manifest, n),
+    }
+    for measure in readers.values():  # warm-up: imports, page cache, .npy header cache
+        measure(min(samples, 500))
     per_round: dict[str, list[float]] = {name: [] for name in readers}
     for _ in range(rounds):
-        for name, fn in readers.items():
-            per_round[name].append(read_cost_us(fn, urls, manifest.layout, samples))
-    ratios = [b / c for b, c in zip(per_round["baseline"], per_round["current"], strict=True)]
+        for name, measure in readers.items():
+            per_round[name].append(measure(samples))
+    ratios = [b / c for b, c in zip(per_round["baseline"], per_round["blocks"], strict=True)]
     sample_bytes = sum(info.bytes for info in manifest.shards) / manifest.num_samples
     return {
         "shards": str(shards),
@@ -175,7 +190,7 @@ def main() -> None:
             label = f"{name} ({args.baseline_rev})" if name == "baseline" else name
             rounds = " ".join(f"{v:.0f}" for v in cost["per_round_us"][name])
             table.add_row(label, f"{value:.1f}", rounds)
-        table.caption = f"baseline / current, median of rounds: {cost['speedup_median_of_rounds']:.2f}x"
+        table.caption = f"baseline / blocks, median of rounds: {cost['speedup_median_of_rounds']:.2f}x"
         console.print(table)
 
     if args.sd:

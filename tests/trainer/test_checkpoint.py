@@ -157,3 +157,17 @@ def test_a_field_added_since_the_checkpoint_resumes_only_at_its_default(tmp_path
         load_checkpoint(path, {"m": model}, optimizers, {"lr": 0.1, "amp": "bf16"}, key_defaults=defaults)
     with pytest.raises(CheckpointError, match="amp: None -> 'off'"):  # without defaults, a new key is a change
         load_checkpoint(path, {"m": model}, optimizers, {"lr": 0.1, "amp": "off"})
+
+
+def test_a_field_that_became_runtime_since_the_checkpoint_is_passed_over(tmp_path):
+    # outlier_workers was in the key until the stream's draw stopped depending on it.
+    model = build_model("resnet_tiny", 6, 1)
+    optimizers = {"sgd": torch.optim.SGD(model.parameters(), lr=0.1)}
+    key = {"lr": 0.1, "outlier_workers": 1}
+    path = save_checkpoint(tmp_path / "last.safetensors", {"m": model}, optimizers, TrainingState(1, 4), key)
+    runtime = {"outlier_workers"}
+    assert load_checkpoint(path, {"m": model}, optimizers, {"lr": 0.1}, runtime_fields=runtime) == TrainingState(1, 4)
+    with pytest.raises(CheckpointError, match="outlier_workers: 1 -> None"):
+        load_checkpoint(path, {"m": model}, optimizers, {"lr": 0.1})
+    with pytest.raises(CheckpointError, match="lr: 0.1 -> 0.2"):
+        load_checkpoint(path, {"m": model}, optimizers, {"lr": 0.2}, runtime_fields=runtime)

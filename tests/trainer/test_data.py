@@ -221,12 +221,23 @@ def test_a_sample_unlike_the_manifest_layout_is_a_bad_sample(tmp_path):
         InMemoryOutliers(shard_dir, batch_size=4, steps_per_epoch=1, seed=0)
 
 
-def test_in_memory_outliers_refuse_shards_holding_other_than_the_manifest_count(tmp_path):
+@pytest.mark.parametrize("source_cls", [OutlierStream, InMemoryOutliers])
+def test_a_shard_replaced_after_the_job_is_refused(tmp_path, source_cls):
     shard_dir = write_test_shards(tmp_path / "job", num_shards=2, per_shard=4)
     write_test_shards(tmp_path / "bigger", num_shards=2, per_shard=5)
-    for name in ("outliers-000000.tar", "outliers-000001.tar"):  # same names, more samples each
+    for name in ("outliers-000000.tar", "outliers-000001.tar"):  # same names, readable, more samples each
         (tmp_path / "bigger" / name).replace(shard_dir / name)
-    with pytest.raises(ManifestError, match="the shards hold 10 samples, the manifest says 8"):
+    with pytest.raises(ShardError, match=r"outliers-00000[01]\.tar: .* but the manifest records .* changed after"):
+        list(source_cls(shard_dir, batch_size=4, steps_per_epoch=3, seed=0).epoch(0))  # memory reads on opening
+
+
+def test_in_memory_outliers_refuse_a_manifest_whose_counts_differ_from_its_shards(tmp_path):
+    shard_dir = write_test_shards(tmp_path / "job", num_shards=2, per_shard=4)
+    path = shard_dir / MANIFEST_NAME
+    document = json.loads(path.read_text())
+    document["shards"][1]["count"], document["num_samples"] = 5, 9  # the files are as the job wrote them
+    path.write_text(json.dumps(document))
+    with pytest.raises(ManifestError, match="the shards hold 8 samples, the manifest says 9"):
         InMemoryOutliers(shard_dir, batch_size=4, steps_per_epoch=1, seed=0)
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -180,12 +180,14 @@ def load_checkpoint(
     resume_key: dict[str, Any],
     schedulers: dict[str, LRScheduler] | None = None,
     key_defaults: Mapping[str, Any] | None = None,
+    runtime_fields: Collection[str] = (),
 ) -> TrainingState:
     """Restore modules, optimisers and schedulers in place; a config that differs from the checkpoint's is refused.
 
     A key the checkpoint lacks is accepted when the wanted value is its default in `key_defaults`
-    (a field added since), so a trainer upgrade does not strand a run. Build the schedulers before
-    calling this: constructing one resets its optimiser's lr.
+    (a field added since), and a key it holds is passed over when it is one of `runtime_fields`
+    now (a field that no longer changes what is computed), so a trainer upgrade does not strand a
+    run. Build the schedulers before calling this: constructing one resets its optimiser's lr.
     """
     tensors, metadata = read_safetensors(path)
     if metadata.get("schema_version") != str(CHECKPOINT_SCHEMA_VERSION):
@@ -193,7 +195,7 @@ def load_checkpoint(
             f"{path}: schema_version {metadata.get('schema_version')!r} is not supported "
             f"(this trainer writes {CHECKPOINT_SCHEMA_VERSION}); start over in a new --out"
         )
-    saved_key = json.loads(metadata["resume_key"])
+    saved_key = {k: v for k, v in json.loads(metadata["resume_key"]).items() if k not in runtime_fields}
     wanted = json.loads(json.dumps(resume_key, sort_keys=True))
     # A field added to the config after the checkpoint was written computed what its default computes.
     defaults = json.loads(json.dumps(dict(key_defaults or {}), sort_keys=True))

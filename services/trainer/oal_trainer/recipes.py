@@ -38,6 +38,7 @@ RUNTIME_FIELDS = frozenset(
         "tensorboard",
         "allow_pickle_weights",  # a permission to read a file, not a change to what is computed
         "compile",  # the same operations, fused: a run may resume compiled or not (docs/GPU.md)
+        "outlier_workers",  # where shards are read; the stream's draw does not depend on it (data/stream.py)
     }
 )
 
@@ -119,8 +120,11 @@ class TrainConfig(BaseModel):
     outlier_space: Literal["latent", "pixel"] = Field(
         "latent", description="latent: use z0 as is (OAL); pixel: decode with the generator's VAE (pixel-oe)."
     )
-    outlier_workers: int = Field(
-        1, ge=0, description="DataLoader worker processes reading shards (stream); 0 reads in the training process."
+    outlier_workers: int | None = Field(
+        None,
+        ge=0,
+        description="DataLoader worker processes reading shards (stream); 0 reads in the training process; "
+        "null: 0 on the CPU, where a reader process takes cores from the training threads, 1 on a GPU.",
     )
     shuffle_buffer: int = Field(1000, ge=0, description="Outlier shuffle buffer (samples).")
     on_bad_shard: Literal["raise", "skip"] = Field("raise", description="A corrupt shard stops the run or is skipped.")

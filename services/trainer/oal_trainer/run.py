@@ -8,7 +8,6 @@ yields the epoch's StepBatches, every source of randomness seeded by (seed, epoc
 
 from __future__ import annotations
 
-import json
 import logging
 import random
 from collections.abc import Callable, Iterator
@@ -23,7 +22,6 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from oal_shared.data.benchmark import Benchmark, load_benchmark
 from oal_shared.errors import ConfigError
-from oal_shared.fsio import atomic_write_bytes
 from oal_shared.schedules import warmup_cosine
 from oal_shared.settings import Settings
 from oal_shared.shards import OutlierManifest, load_manifest
@@ -36,7 +34,6 @@ from oal_trainer.checkpoint import (
     save_checkpoint,
 )
 from oal_trainer.data import (
-    SOURCES,
     IDTrainSet,
     InMemoryOutliers,
     OutlierBatch,
@@ -48,12 +45,15 @@ from oal_trainer.data import (
     choose_outlier_source,
     id_loader,
     id_train_set,
+    read_source_record,
     seeded_generator,
     steps_per_epoch,
+    warn_if_the_stream_draw_changed,
+    write_source_record,
 )
 from oal_trainer.distributed import DistContext, barrier, init_distributed, wrap_model
 from oal_trainer.objective import OALObjective, StepBatch, TrainModules
-from oal_trainer.recipes import TrainConfig
+from oal_trainer.recipes import RUNTIME_FIELDS, TrainConfig
 from oal_trainer.run_models import build_student, teacher_model
 from oal_trainer.scorers import get_scorer
 from oal_trainer.teacher import LoadedRun, TeacherOutputs, cached_teacher_outputs
@@ -97,6 +97,7 @@ class RunOutliers:
             "shards": self.config.shards,
             "source": self.choice.source,  # the one used; "source_choice" has the config's value and why
             "source_choice": self.choice.to_json(),
+            "reader_workers": getattr(self.source, "workers", None),  # the stream's; None when held in memory
             "space": self.config.outlier_space,
             "latent_shape": list(self.source.latent_shape),
             "embed_dim": self.source.embed_dim,
@@ -313,6 +314,7 @@ def build_run(config: TrainConfig, run_dir: Path, settings: Settings) -> Run:
             config.resume_key(),
             schedulers,
             key_defaults=TrainConfig.resume_key_defaults(),
+            runtime_fields=RUNTIME_FIELDS,
         )
         logger.info("Resuming %s from epoch %d (step %d)", run_dir, run.state.epoch, run.state.step)
     return run
@@ -356,16 +358,19 @@ def open_outliers(
     shards = Path(config.shards)  # type: ignore[arg-type]
     record_path = run_dir / CHECKPOINT_DIR / OUTLIER_CHOICE_FILE
     resuming = (run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE).exists()
-    recorded = _recorded_outlier_source(record_path) if resuming else None
-    if resuming and recorded is None and config.outlier_source == "auto":
+    record = read_source_record(record_path) if resuming else None
+    if resuming and record is None and config.outlier_source == "auto":
         logger.warning("Outliers: %s records no outlier source; choosing it again from the job's size", record_path)
     choice = choose_outlier_source(
-        config.outlier_source, load_manifest(shards), settings.outlier_in_memory_max_mb, recorded=recorded
+        config.outlier_source,
+        load_manifest(shards),
+        settings.outlier_in_memory_max_mb,
+        recorded=record.source if record else None,
     )
     logger.info("Outliers from %s: %s (%s)", shards, choice.source, choice.reason)
-    if ctx.is_main and recorded != choice.source:
-        record_path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(record_path, json.dumps(choice.to_json(), indent=2).encode())
+    warn_if_the_stream_draw_changed(record, record_path)
+    if ctx.is_main and (record is None or record != choice.record()):
+        write_source_record(record_path, choice)
     common = {
         "batch_size": config.outliers_per_step,
         "steps_per_epoch": steps_per_ep,
@@ -374,25 +379,23 @@ def open_outliers(
         "rank": ctx.rank,
     }
     if choice.source == "stream":
-        source = OutlierStream(shards, shuffle_buffer=config.shuffle_buffer, workers=config.outlier_workers, **common)
+        workers = reader_workers(config, ctx)
+        source = OutlierStream(shards, shuffle_buffer=config.shuffle_buffer, workers=workers, **common)
     else:
         source = InMemoryOutliers(shards, **common)
     return RunOutliers(config, source, source.manifest.spec, choice)
 
 
-def _recorded_outlier_source(path: Path) -> str | None:
-    """The source a run chose when it started (written by open_outliers), or None without a record."""
-    if not path.exists():
-        return None
-    try:
-        source = json.loads(path.read_text())["source"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(
-            f"{path}: unreadable record of the run's outlier source ({exc}); start over in a new --out"
-        ) from exc
-    if source not in SOURCES:
-        raise ConfigError(f"{path}: source: expected 'stream' or 'memory', got {source!r}")
-    return source
+def reader_workers(config: TrainConfig, ctx: DistContext) -> int:
+    """The stream's reader processes: the config's, else none on the CPU and one beside a GPU.
+
+    On the CPU the training threads fill the cores, and a reader process beside them slows a step
+    more than reading in the training process does (0.92 against 0.99 of the in-memory rate on two
+    cores, docs/BENCHMARKS.md); beside a GPU the training process's thread is the one to keep free.
+    """
+    if config.outlier_workers is not None:
+        return config.outlier_workers
+    return 0 if ctx.device.type == "cpu" else 1
 
 
 def _open_pixel_outliers(

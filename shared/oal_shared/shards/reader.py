@@ -5,12 +5,11 @@ Each sample is checked once, in `decode_outlier_sample`, against the sample rule
 the layout the manifest records.
 
 The tar reader for local shards is `_local_tar_samples`, not WebDataset's `tarfile_to_samples`:
-same grouping of members into samples, but each 512-byte header is decoded field by field (with
-tarfile's helpers for the rare encodings) instead of building a TarInfo (whose checksum alone
-costs 11 us: it sums the block twice, signed and unsigned), and the
-two `.npy` headers of a sample are parsed once per distinct header (all samples of a job share
-them). Together they cut the cost of reading a 4.6 KB sample about five times, to about 50 us of
-CPU (docs/BENCHMARKS.md). Other urls (pipe:, http) still go through WebDataset.
+same grouping of members into samples, with the headers walked by `tar_walk`, and the two `.npy`
+headers of a sample are parsed once per distinct header (all samples of a job share them).
+Together they cut the cost of reading a 4.6 KB sample about five times (docs/BENCHMARKS.md).
+Other urls (pipe:, http) still go through WebDataset. The trainer reads whole shards at once
+through `blocks`, which leans on the manifest's sha256 to leave out most per-sample work.
 """
 
 from __future__ import annotations
@@ -18,9 +17,7 @@ from __future__ import annotations
 import io
 import json
 import math
-import os
 import random
-import re
 import tarfile
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -38,6 +35,7 @@ from oal_shared.shards.schema import (
     checked_sample,
     sample_problem,
 )
+from oal_shared.shards.tar_walk import group_samples
 
 if TYPE_CHECKING:
     import webdataset
@@ -142,12 +140,6 @@ def _read_provenance(data: bytes, shard: str, key: str) -> dict:
     return meta
 
 
-_BLOCK = tarfile.BLOCKSIZE
-_ZERO_BLOCK = bytes(_BLOCK)
-_SKIP_META = re.compile(r"__[^/]*__($|/)")  # WebDataset's: members it never hands out
-_KEY_AND_SUFFIX = re.compile(r"^((?:.*/|)[^.]+)[.]([^/]*)$")  # WebDataset's base_plus_ext
-
-
 def _is_local(url: str) -> bool:
     return "://" not in url and not url.startswith("pipe:")
 
@@ -164,109 +156,15 @@ def _local_tar_samples(policy: ErrorPolicy) -> Callable[[Iterator[dict]], Iterat
         for shard in shards:
             url = shard["url"]
             try:
-                yield from _samples_of_tar(url)
+                data = Path(url).read_bytes()  # shards are bounded (the writer's shard size): read whole
+                for key, members in group_samples(data):
+                    sample = {suffix: data[start : start + size] for suffix, (start, size) in members.items()}
+                    yield {"__key__": key, "__url__": url, **sample}
             except (tarfile.TarError, OSError, ValueError) as exc:
                 if not policy.on_tar_error(exc):
                     return
 
     return stage
-
-
-def _samples_of_tar(url: str) -> Iterator[dict]:
-    """Group a tar's members into samples by key (the name up to the first dot)."""
-    sample: dict | None = None
-    with open(url, "rb", buffering=1 << 20) as handle:
-        for name, data in _tar_members(handle):
-            match = _KEY_AND_SUFFIX.match(name)
-            if match is None:
-                continue
-            key, suffix = match.group(1), match.group(2).lower()
-            if sample is None or key != sample["__key__"]:
-                if sample is not None:
-                    yield sample
-                sample = {"__key__": key, "__url__": url}
-            if suffix in sample:
-                raise ValueError(f"{name}: duplicate file name in tar file {suffix} {sample.keys()}")
-            sample[suffix] = data
-    if sample is not None:
-        yield sample
-
-
-def _tar_members(handle: io.BufferedReader) -> Iterator[tuple[str, bytes]]:
-    """(name, data) of each regular file of a tar stream, with tarfile's checks on every header.
-
-    Long names come from pax ("path", "size") or GNU long-name members, as tarfile reads them;
-    directories, links and other non-regular members are passed over, as WebDataset does.
-    """
-    pending: dict[str, str] = {}  # from a pax or long-name member, for the member that follows
-    offset = 0
-    while True:
-        header = handle.read(_BLOCK)
-        if not header:
-            if offset == 0:
-                raise tarfile.ReadError("empty file")
-            return  # ends on a block boundary without end-of-archive blocks: tarfile accepts it
-        if len(header) < _BLOCK:
-            raise tarfile.ReadError("unexpected end of data (truncated header)")
-        if header == _ZERO_BLOCK:
-            return  # end-of-archive
-        checksum = _number(header[148:156])
-        # The unsigned sum is what every writer uses; tarfile's pair (with the signed variant) only on a miss.
-        if checksum != sum(header) - sum(header[148:156]) + 256 and checksum not in tarfile.calc_chksums(header):
-            raise tarfile.ReadError("bad checksum")
-        kind = header[156:157]
-        size = int(pending["size"]) if "size" in pending else _number(header[124:136])
-        data = handle.read(size)
-        if len(data) < size:
-            raise tarfile.ReadError("unexpected end of data")
-        handle.seek(-size % _BLOCK, os.SEEK_CUR)
-        offset += _BLOCK + size
-        if kind == tarfile.XHDTYPE:
-            pending.update(_pax_records(data))
-            continue
-        if kind == tarfile.GNUTYPE_LONGNAME:
-            pending["path"] = tarfile.nts(data, "utf-8", "surrogateescape")
-            continue
-        if kind == tarfile.GNUTYPE_SPARSE:
-            raise tarfile.ReadError("GNU sparse members are not supported in shards")
-        name = pending.get("path") or _header_name(header, kind)
-        pending = {}
-        if kind not in tarfile.REGULAR_TYPES or name.endswith("/") or _SKIP_META.match(name):
-            continue
-        yield name, data
-
-
-def _number(field: bytes) -> int:
-    """A header's number field, as tarfile.nti reads it (octal text, or GNU base-256)."""
-    if field[0] & 0x80:
-        return tarfile.nti(field)
-    try:
-        return int(field.split(b"\0", 1)[0].strip() or b"0", 8)
-    except ValueError:
-        raise tarfile.InvalidHeaderError("invalid header") from None
-
-
-def _header_name(header: bytes, kind: bytes) -> str:
-    name = header[0:100].split(b"\0", 1)[0].decode("utf-8", "surrogateescape")
-    if header[345] == 0 or kind in tarfile.GNU_TYPES:  # no ustar prefix (the usual case)
-        return name
-    return tarfile.nts(header[345:500], "utf-8", "surrogateescape") + "/" + name
-
-
-def _pax_records(data: bytes) -> dict[str, str]:
-    """The "path" and "size" records of a pax extended header ("<len> <key>=<value>\\n" each)."""
-    records: dict[str, str] = {}
-    position = 0
-    while position < len(data) and data[position] != 0:
-        space = data.index(b" ", position)
-        length = int(data[position:space])
-        if length <= space - position:
-            raise tarfile.ReadError("invalid pax header")
-        key, _, value = data[space + 1 : position + length - 1].partition(b"=")
-        if key in (b"path", b"size"):
-            records[key.decode("ascii")] = value.decode("utf-8", "surrogateescape")
-        position += length
-    return records
 
 
 def _refuse_constant(name: str) -> float:

@@ -3,13 +3,23 @@
 Modules by role: `id_images` (ID tensors, subsets, loaders, augmentation), `streamed` (ID images
 decoded in DataLoader workers when a set is too large to hold), `outliers` (the batch
 type and the base every outlier source shares: it opens the job's manifest first), `stream`
-(`OutlierStream`, shards read through `oal_shared.shards.outlier_pipeline`, resampled and
-shuffled, every rank and DataLoader worker drawing its own seeded stream), `memory`
+(`OutlierStream`: whole shards, read by `oal_shared.shards.blocks` in a seeded plan, through a
+seeded shuffle pool; the same draw with any number of reader workers), `memory`
 (`InMemoryOutliers`, every sample loaded once), `choice` (which of the two a run uses:
-outlier_source=auto holds small jobs), `reduce` (f_ood) and `seeds`.
+outlier_source=auto holds small jobs, and the record a resume keeps), `reduce` (f_ood) and `seeds`.
 """
 
-from oal_trainer.data.choice import SOURCES, OutlierSourceChoice, choose_outlier_source, held_bytes
+from oal_trainer.data.choice import (
+    SOURCES,
+    STREAM_DRAW,
+    OutlierSourceChoice,
+    SourceRecord,
+    choose_outlier_source,
+    held_bytes,
+    read_source_record,
+    warn_if_the_stream_draw_changed,
+    write_source_record,
+)
 from oal_trainer.data.id_images import (
     IDTrainSet,
     augment_batch,
@@ -38,6 +48,7 @@ from oal_trainer.data.streamed import StreamedImages, image_batches, uint8_batch
 
 __all__ = [
     "SOURCES",
+    "STREAM_DRAW",
     "IDTrainSet",
     "InMemoryOutliers",
     "ManifestOutliers",
@@ -47,6 +58,7 @@ __all__ = [
     "OutlierStats",
     "OutlierStream",
     "ReaderDelta",
+    "SourceRecord",
     "StreamedImages",
     "WorkerFailure",
     "augment_batch",
@@ -60,6 +72,7 @@ __all__ = [
     "image_batches",
     "reduce_latents",
     "reduced_latent_dim",
+    "read_source_record",
     "seeded_generator",
     "shard_urls",
     "slice_benchmark",
@@ -67,4 +80,6 @@ __all__ = [
     "subset_indices",
     "to_model_input",
     "uint8_batches",
+    "warn_if_the_stream_draw_changed",
+    "write_source_record",
 ]

@@ -9,17 +9,23 @@ it back as `recorded`, which wins over what the limit would pick today.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from oal_shared.errors import ConfigError
+from oal_shared.fsio import atomic_write_bytes
 from oal_shared.shards import OutlierManifest
 
 logger = logging.getLogger(__name__)
 
 SOURCES = ("stream", "memory")
+# How a streamed run draws its outliers (data/stream.py). Recorded with the choice: a run that began
+# streaming under an earlier draw (the per-sample pipeline, before shard blocks) is told on resume.
+STREAM_DRAW = "shard-blocks-v1"
 _FLOAT32 = 4
 _INT64 = 8
 
@@ -44,9 +50,13 @@ class OutlierSourceChoice:
     limit_bytes: int  # OAL_OUTLIER_IN_MEMORY_MAX_MB when the choice was made
     reason: str
 
+    def record(self) -> SourceRecord:
+        return SourceRecord(self.source, STREAM_DRAW if self.source == "stream" else None)
+
     def to_json(self) -> dict[str, Any]:
         return {
             "source": self.source,
+            "stream_draw": self.record().stream_draw,
             "configured": self.configured,
             "held_mb": round(self.held_bytes / 2**20, 3),
             "limit_mb": round(self.limit_bytes / 2**20, 3),
@@ -83,3 +93,44 @@ def choose_outlier_source(
         return OutlierSourceChoice(recorded, configured, size, limit, reason)  # type: ignore[arg-type]
     verdict = "fits, held in memory" if by_size == "memory" else "exceeds it, streamed from the shards"
     return OutlierSourceChoice(by_size, configured, size, limit, f"auto: {sizes}: {verdict}")
+
+
+@dataclass(frozen=True)
+class SourceRecord:
+    """What a run wrote when it chose its source: the source, and the stream's draw (None for memory)."""
+
+    source: Literal["stream", "memory"]
+    stream_draw: str | None
+
+
+def read_source_record(path: Path) -> SourceRecord | None:
+    """The record a run wrote next to its checkpoint (`write_source_record`), or None without one."""
+    if not path.exists():
+        return None
+    try:
+        record = json.loads(path.read_text())
+        source = record["source"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(
+            f"{path}: unreadable record of the run's outlier source ({exc}); start over in a new --out"
+        ) from exc
+    if source not in SOURCES:
+        raise ConfigError(f"{path}: source: expected 'stream' or 'memory', got {source!r}")
+    return SourceRecord(source, record.get("stream_draw"))
+
+
+def write_source_record(path: Path, choice: OutlierSourceChoice) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_bytes(path, json.dumps(choice.to_json(), indent=2).encode())
+
+
+def warn_if_the_stream_draw_changed(record: SourceRecord | None, path: Path) -> None:
+    """A run that began streaming under another draw resumes under today's: the outliers differ from then on."""
+    if record is not None and record.source == "stream" and record.stream_draw != STREAM_DRAW:
+        logger.warning(
+            "Outliers: %s says this run began streaming with the draw %s; it resumes with %s (whole shards "
+            "through a seeded pool), so outliers from here on differ from those of a run that never stopped",
+            path,
+            record.stream_draw or "of the per-sample pipeline (an earlier version)",
+            STREAM_DRAW,
+        )

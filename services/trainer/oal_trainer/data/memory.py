@@ -7,11 +7,13 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 
 from oal_shared.errors import ManifestError, ShardError
-from oal_shared.shards import ReadStats, iter_outlier_samples
-from oal_trainer.data.outliers import ManifestOutliers, OutlierBatch, OutlierStats, collate_outliers
+from oal_shared.shards import ReadStats
+from oal_shared.shards.blocks import read_shard_block
+from oal_trainer.data.outliers import ManifestOutliers, OutlierBatch, OutlierStats
 from oal_trainer.data.seeds import seeded_generator
 
 logger = logging.getLogger(__name__)
@@ -39,19 +41,25 @@ class InMemoryOutliers(ManifestOutliers):
         super().__init__(shard_dir, batch_size=batch_size, steps_per_epoch=steps_per_epoch, seed=seed, rank=rank)
         self.stats = OutlierStats()
         read_stats = ReadStats()
-        samples = list(
-            iter_outlier_samples(self.urls, on_error=on_bad_shard, stats=read_stats, layout=self.manifest.layout)
-        )
+        blocks = [
+            read_shard_block(url, info, self.manifest.layout, on_error=on_bad_shard, stats=read_stats)
+            for url, info in zip(self.urls, self.manifest.shards, strict=True)
+        ]
         self.stats.skipped = read_stats.skipped
         self.stats.errors = list(read_stats.errors)
-        if not samples:
+        keys = tuple(key for block in blocks for key in block.keys)
+        if not keys:
             raise ShardError(f"no readable outlier samples in {self.shard_dir}")
         expected = self.manifest.num_samples
-        if on_bad_shard == "raise" and len(samples) != expected:
-            raise ManifestError(
-                f"{self.shard_dir}: the shards hold {len(samples)} samples, the manifest says {expected}"
-            )
-        self.data = collate_outliers(samples)
+        if on_bad_shard == "raise" and len(keys) != expected:
+            raise ManifestError(f"{self.shard_dir}: the shards hold {len(keys)} samples, the manifest says {expected}")
+        # float16 latents widen to float32 exactly, as the per-sample collate did: the same draws as before.
+        self.data = OutlierBatch(
+            embeddings=torch.from_numpy(np.concatenate([block.embeddings for block in blocks])),
+            latents=torch.from_numpy(np.concatenate([block.latents for block in blocks])).to(torch.float32),
+            classes=torch.from_numpy(np.concatenate([block.classes for block in blocks])),
+            keys=keys,
+        )
         logger.info("Loaded %d outliers from %s into memory", len(self.data), self.shard_dir)
         self.warn_if_fewer_than_a_batch(len(self.data))
 
