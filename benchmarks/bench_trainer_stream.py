@@ -4,7 +4,8 @@ Every run trains the same `oal` config (same seed, same ID batches) for the same
 only `outlier_source` differs (memory and stream draw different outliers from the same job, at the
 same cost per step). The rate is ID samples per second over all steps after a warm-up, measured
 between consecutive optimiser steps, so it includes fetching and decoding the outliers. Threads are
-the defaults (torch's, unless --threads) and the stream reads in its default DataLoader worker.
+the defaults (torch's, unless --threads) and the stream reads where the config puts it by default
+(in the training process on the CPU), unless --outlier-workers.
 
 On a busy machine absolute rates drift, so the sources run in interleaved rounds (memory, stream,
 auto, memory, ...) and the result is the median of the per-round ratios. Target: stream / memory

@@ -104,7 +104,6 @@ class RunOutliers:
             "samples_read": stats.samples,
             "batches": stats.batches,
             "skipped": stats.skipped,
-            "restarts": stats.restarts,
             "errors": stats.errors[:20],
             "job_spec": self.job_spec,
         }

@@ -37,13 +37,11 @@ from oal_trainer.data.outliers import (
     OutlierBatch,
     OutlierSource,
     OutlierStats,
-    ReaderDelta,
-    collate_outliers,
     shard_urls,
 )
 from oal_trainer.data.reduce import reduce_latents, reduced_latent_dim
 from oal_trainer.data.seeds import derive_seed, seeded_generator
-from oal_trainer.data.stream import OutlierStream, WorkerFailure
+from oal_trainer.data.stream import OutlierStream, ReaderDelta, WorkerFailure
 from oal_trainer.data.streamed import StreamedImages, image_batches, uint8_batches
 
 __all__ = [
@@ -64,7 +62,6 @@ __all__ = [
     "augment_batch",
     "black_pixel",
     "choose_outlier_source",
-    "collate_outliers",
     "derive_seed",
     "id_loader",
     "id_train_set",

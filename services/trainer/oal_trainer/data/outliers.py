@@ -14,11 +14,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
 
-import numpy as np
 import torch
 
 from oal_shared.errors import ConfigError
-from oal_shared.shards import OutlierManifest, OutlierSample, load_manifest
+from oal_shared.shards import OutlierManifest, load_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -31,54 +30,18 @@ class OutlierBatch:
     latents: torch.Tensor  # (B, C, H, W) float32, unscaled as stored
     classes: torch.Tensor  # (B,) int64, source ID class
     keys: tuple[str, ...]
-    reader: ReaderDelta | None = None  # what the reader saw while making this batch (stream only)
 
     def __len__(self) -> int:
         return int(self.classes.shape[0])
 
 
-@dataclass(frozen=True)
-class ReaderDelta:
-    """Reader counts since the previous batch of the same reader; travels with the batch, so counts
-    made in a DataLoader worker process reach the main process."""
-
-    samples: int = 0
-    skipped: int = 0
-    restarts: int = 0
-    errors: tuple[str, ...] = ()
-
-
-def collate_outliers(samples: list[OutlierSample], shared: bool = False) -> OutlierBatch:
-    """Stack samples into float32 tensors, widening float16 latents on the way (one pass, one copy).
-
-    shared: allocate the tensors in shared memory, as a DataLoader worker's batch ends up anyway;
-    made there directly, the batch is not copied again on its way to the training process.
-    """
-    first = samples[0]
-
-    def stacked(arrays: list[np.ndarray], shape: tuple[int, ...]) -> torch.Tensor:
-        out = torch.empty((len(arrays), *shape), dtype=torch.float32)
-        if shared:
-            out.share_memory_()
-        np.stack(arrays, out=out.numpy(), casting="safe")
-        return out
-
-    return OutlierBatch(
-        embeddings=stacked([s.embedding for s in samples], first.embedding.shape),
-        latents=stacked([s.latent for s in samples], first.latent.shape),
-        classes=torch.tensor([s.cls for s in samples], dtype=torch.int64),
-        keys=tuple(s.key for s in samples),
-    )
-
-
 @dataclass
 class OutlierStats:
-    """Counts a run records: samples read, batches handed out, shards skipped, pipeline restarts."""
+    """Counts a run records: samples read, batches handed out, shards skipped and why."""
 
     samples: int = 0
     batches: int = 0
     skipped: int = 0
-    restarts: int = 0
     errors: list[str] = field(default_factory=list)
 
 

@@ -34,10 +34,19 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from oal_shared.errors import OALError, ShardError
 from oal_shared.shards import ReadStats
 from oal_shared.shards.blocks import ShardBlock, read_shard_block
-from oal_trainer.data.outliers import ManifestOutliers, OutlierBatch, OutlierStats, ReaderDelta
+from oal_trainer.data.outliers import ManifestOutliers, OutlierBatch, OutlierStats
 from oal_trainer.data.seeds import derive_seed
 
 logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class ReaderDelta:
+    """What reading one planned shard counted; travels with the block, so a worker's counts reach the run."""
+
+    samples: int = 0
+    skipped: int = 0
+    errors: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -128,9 +137,7 @@ class OutlierStream(ManifestOutliers):
                 latents=torch.from_numpy(block.latents),
                 embeddings=torch.from_numpy(block.embeddings),
                 classes=torch.from_numpy(block.classes),
-                reader=ReaderDelta(
-                    samples=stats.samples, skipped=stats.skipped, errors=tuple(stats.errors), restarts=0
-                ),
+                reader=ReaderDelta(samples=stats.samples, skipped=stats.skipped, errors=tuple(stats.errors)),
             )
 
     def _blocks(self, epoch: int) -> Iterator[PlannedBlock]:
