@@ -12,7 +12,7 @@ payload offsets, classes) is kept per file, keyed by its path, size, mtime and i
 again is one read and a copy per payload, with no digest and no walk. A file replaced since (new
 mtime or inode) is checked whole again. The index is about 150 bytes a sample, a few MB for a
 100k-outlier job. This is what makes streaming cheap: a few microseconds of CPU for a 4.6 KB
-sample instead of about 90 us through the per-sample reader (docs/BENCHMARKS.md, "Trainer
+sample instead of about 80 us through the per-sample reader (docs/BENCHMARKS.md, "Trainer:
 streaming").
 
 Anything else (a file that differs from its entry, a sample the fast path does not recognise)

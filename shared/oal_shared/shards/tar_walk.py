@@ -4,7 +4,7 @@ The shard readers read a shard whole and walk its 512-byte headers here instead 
 `tarfile.TarFile`: each header is decoded field by field (with tarfile's helpers for the rare
 encodings) rather than built into a TarInfo, whose checksum alone costs 11 us (it sums the block
 twice, signed and unsigned). Members are returned as offsets into the buffer, so a reader that
-builds arrays copies each payload once, into the array (docs/BENCHMARKS.md, "Trainer streaming").
+builds arrays copies each payload once, into the array (docs/BENCHMARKS.md, "Trainer: outliers streamed from shards").
 
 Faults raise what tarfile raises (`tarfile.ReadError` and its kin, or ValueError for a duplicate
 member in `group_samples`), with tarfile's words, so the error policy handles them alike.
