@@ -11,9 +11,9 @@ A stream draws the same shards again and again, so what the walk through the tar
 payload offsets, classes) is kept per file, keyed by its path, size, mtime and inode: a shard read
 again is one read and a copy per payload, with no digest and no walk. A file replaced since (new
 mtime or inode) is checked whole again. The index is about 150 bytes a sample, a few MB for a
-100k-outlier job. This is what makes streaming cheap: a few microseconds of CPU for a 4.6 KB
-sample instead of about 80 us through the per-sample reader (docs/BENCHMARKS.md, "Trainer:
-streaming").
+100k-outlier job. This is what makes streaming cheap: about 4 us of CPU for a 5 KB sample
+instead of about 80 us through the per-sample reader (docs/BENCHMARKS.md, "Trainer: outliers
+streamed from shards").
 
 Anything else (a file that differs from its entry, a sample the fast path does not recognise)
 goes through `iter_outlier_samples`, the per-sample reader with every check, so the error names
