@@ -16,7 +16,7 @@ job's size. Per epoch:
 
 The draw depends on (seed, epoch, rank) only, not on the number of workers, so a run may change
 `outlier_workers` and resume; a resume at an epoch boundary draws the same outliers. Reading on the
-trainer's own cores costs about 10 us of CPU per 4.6 KB outlier (docs/BENCHMARKS.md).
+trainer's own cores costs about 4 us of CPU per 5 KB outlier drawn, the pool included (docs/BENCHMARKS.md).
 """
 
 from __future__ import annotations
