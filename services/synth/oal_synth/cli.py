@@ -150,35 +150,11 @@ def pretrain(
     out_dir = out or Path(settings.generator_root) / "fmnist-ldm"
     try:
         config = pretraining.PretrainConfig.preset(preset)
-        config = pretraining.with_overrides(config, **_typed_overrides(config, set_ or []))
+        config = pretraining.with_overrides(config, **pretraining.parse_overrides(config, set_ or []))
         written = pretraining.pretrain_embedded_generator(out_dir, settings, config, progress=True)
     except OALError as exc:
         raise _fail(str(exc), EXIT_REFUSED) from None
     console.print(f"generator written to {written}")
-
-
-def _typed_overrides(config, items: list[str]) -> dict:
-    """`key=value` items typed like the preset's value of each key; errors name the item."""
-    from dataclasses import asdict
-
-    from oal_shared.errors import ConfigError
-
-    current, overrides = asdict(config), {}
-    for item in items:
-        key, sep, text = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item!r}: expected key=value")
-        if key not in current:
-            raise ConfigError(f"--set {item!r}: unknown pretrain field {key!r}; known: {', '.join(current)}")
-        kind = type(current[key]) if current[key] is not None else int
-        try:
-            if kind is tuple:
-                overrides[key] = tuple(type(current[key][0])(part) for part in text.split(","))
-            else:
-                overrides[key] = (text.lower() in ("1", "true", "yes")) if kind is bool else kind(text)
-        except ValueError:
-            raise ConfigError(f"--set {item!r}: {key} must be {kind.__name__}") from None
-    return overrides
 
 
 @app.command()
