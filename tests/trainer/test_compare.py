@@ -14,7 +14,8 @@ import torch
 
 from oal_shared.errors import ConfigError
 from oal_trainer.compare import COMPARE_CSV, COMPARE_MARKDOWN, build_comparison
-from oal_trainer.evaluate import evaluate_model, write_eval_outputs
+from oal_trainer.evaluate import evaluate_model
+from oal_trainer.evaluate_outputs import write_eval_outputs
 from oal_trainer.published import OPENOOD_COMMIT, PUBLISHED
 from tests.trainer.test_cli import invoke
 from tests.trainer.test_evaluate import TinyNet, benchmark  # noqa: F401  (fixture)

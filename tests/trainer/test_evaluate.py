@@ -15,14 +15,8 @@ from torch import nn
 
 from oal_shared.data.benchmark import OOD_LABEL, Benchmark, ImageSet
 from oal_shared.errors import ConfigError
-from oal_trainer.evaluate import (
-    RESULTS_COLUMNS,
-    SCORES_FIXED_COLUMNS,
-    EvaluationError,
-    evaluate_model,
-    metrics_table,
-    write_eval_outputs,
-)
+from oal_trainer.evaluate import EvaluationError, evaluate_model
+from oal_trainer.evaluate_outputs import RESULTS_COLUMNS, SCORES_FIXED_COLUMNS, metrics_table, write_eval_outputs
 from oal_trainer.metrics import AUROC, FPR95_OOD_POSITIVE, accuracy, ood_metrics
 from oal_trainer.scorers import SCORERS, Scorer, get_scorer, register_scorer
 

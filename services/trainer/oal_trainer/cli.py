@@ -113,7 +113,7 @@ def fit(
     progress: Annotated[bool, typer.Option(help="Show a progress bar (terminals only).")] = True,
 ) -> None:
     """Train a recipe into --out, then evaluate it there."""
-    from oal_trainer.evaluate import metrics_table
+    from oal_trainer.evaluate_outputs import metrics_table
     from oal_trainer.fit import FitHooks
     from oal_trainer.fit import fit as run_fit
     from oal_trainer.recipes import resolve_config
@@ -151,7 +151,7 @@ def eval_run(
     from oal_shared.data.benchmark import load_benchmark
     from oal_trainer.checkpoint import CONFIG_FILE
     from oal_trainer.distributed import resolve_device
-    from oal_trainer.evaluate import metrics_table
+    from oal_trainer.evaluate_outputs import metrics_table
     from oal_trainer.fit import evaluate_run
     from oal_trainer.recipes import load_config
     from oal_trainer.scorers import DEFAULT_SCORER

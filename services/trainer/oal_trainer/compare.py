@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from oal_shared.errors import ConfigError
-from oal_trainer.evaluate import METRICS_FILE
+from oal_trainer.evaluate_outputs import METRICS_FILE
 from oal_trainer.metrics import AUROC
 from oal_trainer.published import PUBLISHED, PUBLISHED_BENCHMARKS, SOURCE_URLS, Measure
 from oal_trainer.report import ReportInputError, RunMetricsMissingError

@@ -303,7 +303,8 @@ def evaluate_run(
 
     Fitted scorers (ViM, KNN, ...) fit on the run's own ID training images, never the test sets;
     their features are cached in the run dir (oal_trainer.id_features)."""
-    from oal_trainer.evaluate import evaluate_model, write_eval_outputs
+    from oal_trainer.evaluate import evaluate_model
+    from oal_trainer.evaluate_outputs import write_eval_outputs
     from oal_trainer.id_features import ID_FEATURES_FILE
     from oal_trainer.scorers import needs_fit
 

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from oal_shared.errors import ConfigError, OALError
-from oal_trainer.evaluate import METRICS_FILE
+from oal_trainer.evaluate_outputs import METRICS_FILE
 from oal_trainer.metrics import (
     AUPR_IN,
     AUPR_OUT,

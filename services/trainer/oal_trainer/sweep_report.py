@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from oal_shared.errors import ConfigError
-from oal_trainer.evaluate import METRICS_FILE, OPENOOD_GROUP_ROWS
+from oal_trainer.evaluate_outputs import METRICS_FILE, OPENOOD_GROUP_ROWS
 from oal_trainer.metrics import AUPR_IN, AUPR_OUT, AUROC, FPR95_OOD_POSITIVE, HIGHER_IS_BETTER
 from oal_trainer.plots import plot_grouped_bars
 from oal_trainer.report import COLUMNS, FIGURE_COLUMNS, ReportInputError

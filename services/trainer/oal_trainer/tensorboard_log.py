@@ -87,7 +87,7 @@ class TensorBoardLog:
 
 def write_evaluation(writer, run_dir: Path, metrics: dict[str, Any], step: int) -> None:
     """The OOD metrics, per-set score histograms, PR curves and the evaluation figures of `run_dir`."""
-    from oal_trainer.evaluate import ROC_FILE, SCORE_HIST_FILE, SCORES_FILE
+    from oal_trainer.evaluate_outputs import ROC_FILE, SCORE_HIST_FILE, SCORES_FILE
 
     writer.add_scalar("ood/id_accuracy", metrics["id_accuracy"], step)
     for scorer, per_set in metrics["scores"].items():
