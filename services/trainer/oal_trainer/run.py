@@ -10,10 +10,9 @@ from __future__ import annotations
 
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -24,7 +23,6 @@ from oal_shared.data.benchmark import Benchmark, load_benchmark
 from oal_shared.errors import ConfigError
 from oal_shared.schedules import warmup_cosine
 from oal_shared.settings import Settings
-from oal_shared.shards import OutlierManifest, load_manifest
 from oal_trainer.checkpoint import (
     CHECKPOINT_DIR,
     CHECKPOINT_FILE,
@@ -35,35 +33,22 @@ from oal_trainer.checkpoint import (
 )
 from oal_trainer.data import (
     IDTrainSet,
-    InMemoryOutliers,
-    OutlierBatch,
-    OutlierSource,
-    OutlierSourceChoice,
-    OutlierStream,
     augment_batch,
     black_pixel,
-    choose_outlier_source,
     id_loader,
     id_train_set,
-    read_source_record,
     seeded_generator,
     steps_per_epoch,
-    warn_if_the_stream_draw_changed,
-    write_source_record,
 )
-from oal_trainer.distributed import DistContext, barrier, init_distributed, wrap_model
+from oal_trainer.distributed import DistContext, init_distributed, wrap_model
 from oal_trainer.objective import OALObjective, StepBatch, TrainModules
 from oal_trainer.recipes import RUNTIME_FIELDS, TrainConfig
 from oal_trainer.run_models import build_student, teacher_model
+from oal_trainer.run_outliers import PixelOutliers, RunOutliers, open_outliers, open_pixel_outliers, rank0_first
 from oal_trainer.scorers import get_scorer
 from oal_trainer.teacher import LoadedRun, TeacherOutputs, cached_teacher_outputs
 
-if TYPE_CHECKING:  # decode pulls in diffusers; only pixel-space runs import it
-    from oal_trainer.decode import DecodedOutliers, PixelDecoder
-
 logger = logging.getLogger(__name__)
-
-OUTLIER_CHOICE_FILE = "outlier_source.json"  # next to the checkpoint: the source a resume must keep
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,46 +65,6 @@ class Teacher:
             return self.cache.logits[rows_cpu].to(self.device), self.cache.features[rows_cpu].to(self.device)
         with torch.no_grad():
             return self.run.model(x, return_feature=True)  # (B, K), (B, D_t)
-
-
-@dataclass(eq=False)
-class RunOutliers:
-    """The outlier source of a run and the provenance its run.json records."""
-
-    config: TrainConfig
-    source: OutlierSource
-    job_spec: dict[str, Any]  # the manifest's "spec": the synthesis job that made the outliers
-    choice: OutlierSourceChoice  # stream or memory, and why (outlier_source=auto sizes the job)
-
-    def record(self) -> dict[str, Any]:
-        stats = self.source.stats
-        return {
-            "shards": self.config.shards,
-            "source": self.choice.source,  # the one used; "source_choice" has the config's value and why
-            "source_choice": self.choice.to_json(),
-            "reader_workers": getattr(self.source, "workers", None),  # the stream's; None when held in memory
-            "space": self.config.outlier_space,
-            "latent_shape": list(self.source.latent_shape),
-            "embed_dim": self.source.embed_dim,
-            "samples_read": stats.samples,
-            "batches": stats.batches,
-            "skipped": stats.skipped,
-            "errors": stats.errors[:20],
-            "job_spec": self.job_spec,
-        }
-
-
-@dataclass(frozen=True, eq=False)
-class PixelOutliers:
-    """Outlier latents as images (pixel space): looked up in the decoded cache, or decoded per batch."""
-
-    decoder: PixelDecoder
-    decoded: DecodedOutliers | None  # pixel_decode=precompute
-
-    def images(self, batch: OutlierBatch, device: torch.device) -> torch.Tensor:
-        if self.decoded is not None:
-            return self.decoded.lookup(batch.keys).to(device)  # (B, C, H, W)
-        return self.decoder.decode(batch.latents)
 
 
 @dataclass(eq=False)
@@ -216,13 +161,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def rank0_first(ctx: DistContext, build: Callable[[bool], Any]) -> Any:
-    """build(write=True) on rank 0, then build(write=False) on the others once rank 0's cache file exists."""
-    result = build(True) if ctx.is_main else None
-    barrier(ctx)
-    return result if ctx.is_main else build(False)
-
-
 def run_train_set(benchmark: Benchmark, config: TrainConfig, settings: Settings) -> IDTrainSet:
     """The run's ID training rows (seeded subset), held or streamed as the settings size them."""
     return id_train_set(
@@ -269,7 +207,7 @@ def build_run(config: TrainConfig, run_dir: Path, settings: Settings) -> Run:
     outliers = open_outliers(config, steps_per_ep, ctx, settings, run_dir) if config.uses_outliers else None
     pixels = None
     if config.outlier_space == "pixel" and outliers is not None:
-        pixels = _open_pixel_outliers(config, benchmark, ctx, cache_dir, outliers.source.manifest)
+        pixels = open_pixel_outliers(config, benchmark, ctx, cache_dir, outliers.source.manifest)
     aux = TrainModules.for_config(
         config,
         student.feature_dim,
@@ -341,91 +279,6 @@ def _load_teacher(
             ),
         )
     return Teacher(loaded, cache, ctx.device)
-
-
-def open_outliers(
-    config: TrainConfig, steps_per_ep: int, ctx: DistContext, settings: Settings, run_dir: Path
-) -> RunOutliers:
-    """The run's outlier source (stream or memory) over the job folder `config.shards`, and its provenance.
-
-    outlier_source=auto holds the job in memory when it fits `OAL_OUTLIER_IN_MEMORY_MAX_MB`
-    (sized from the manifest), else streams it. The choice is written next to the checkpoint;
-    a resumed run takes the source from there, since memory and stream draw different outliers
-    and a changed setting must not change them halfway. The source opens the job's manifest
-    first (refusing a folder without one); the job spec recorded in run.json is the manifest's.
-    """
-    shards = Path(config.shards)  # type: ignore[arg-type]
-    record_path = run_dir / CHECKPOINT_DIR / OUTLIER_CHOICE_FILE
-    resuming = (run_dir / CHECKPOINT_DIR / CHECKPOINT_FILE).exists()
-    record = read_source_record(record_path) if resuming else None
-    if resuming and record is None and config.outlier_source == "auto":
-        logger.warning("Outliers: %s records no outlier source; choosing it again from the job's size", record_path)
-    choice = choose_outlier_source(
-        config.outlier_source,
-        load_manifest(shards),
-        settings.outlier_in_memory_max_mb,
-        recorded=record.source if record else None,
-    )
-    logger.info("Outliers from %s: %s (%s)", shards, choice.source, choice.reason)
-    warn_if_the_stream_draw_changed(record, record_path)
-    if ctx.is_main and (record is None or record != choice.record()):
-        write_source_record(record_path, choice)
-    common = {
-        "batch_size": config.outliers_per_step,
-        "steps_per_epoch": steps_per_ep,
-        "seed": config.effective_outlier_seed,
-        "on_bad_shard": config.on_bad_shard,
-        "rank": ctx.rank,
-    }
-    if choice.source == "stream":
-        workers = reader_workers(config, ctx)
-        source = OutlierStream(shards, shuffle_buffer=config.shuffle_buffer, workers=workers, **common)
-    else:
-        source = InMemoryOutliers(shards, **common)
-    return RunOutliers(config, source, source.manifest.spec, choice)
-
-
-def reader_workers(config: TrainConfig, ctx: DistContext) -> int:
-    """The stream's reader processes: the config's, else none on the CPU and one beside a GPU.
-
-    On the CPU the training threads fill the cores, and a reader process beside them slows a step
-    more than reading in the training process does (0.92 against 0.99 of the in-memory rate on two
-    cores, docs/BENCHMARKS.md); beside a GPU the training process's thread is the one to keep free.
-    """
-    if config.outlier_workers is not None:
-        return config.outlier_workers
-    return 0 if ctx.device.type == "cpu" else 1
-
-
-def _open_pixel_outliers(
-    config: TrainConfig, benchmark: Benchmark, ctx: DistContext, cache_dir: Path, manifest: OutlierManifest
-) -> PixelOutliers:
-    """The generator's VAE, checked against the manifest's generator hash, and the decoded cache if asked."""
-    from oal_trainer.decode import DecodedOutliers, PixelDecoder
-
-    decoder = PixelDecoder(
-        Path(config.generator_dir),  # type: ignore[arg-type]
-        image_size=benchmark.image_size,
-        in_channels=benchmark.in_channels,
-        mean=benchmark.mean,
-        std=benchmark.std,
-        device=ctx.device,
-        manifest=manifest,
-    )
-    decoded = None
-    if config.pixel_decode == "precompute":
-        decoded = rank0_first(
-            ctx,
-            lambda write: DecodedOutliers(
-                decoder,
-                manifest,
-                cache_dir,
-                batch_size=config.eval_batch_size,
-                on_bad_shard=config.on_bad_shard,
-                write=write,
-            ),
-        )
-    return PixelOutliers(decoder, decoded)
 
 
 def _optimizers(config: TrainConfig, student: nn.Module, aux: TrainModules) -> dict[str, torch.optim.Optimizer]:
