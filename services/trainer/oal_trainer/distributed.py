@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -120,3 +122,10 @@ def check_replicas_agree(modules: dict[str, nn.Module], ctx: DistContext) -> Non
 def shutdown(ctx: DistContext) -> None:
     if ctx.enabled and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def rank0_first(ctx: DistContext, build: Callable[[bool], Any]) -> Any:
+    """build(write=True) on rank 0, then build(write=False) on the others once rank 0's cache file exists."""
+    result = build(True) if ctx.is_main else None
+    barrier(ctx)
+    return result if ctx.is_main else build(False)

@@ -40,11 +40,11 @@ from oal_trainer.data import (
     seeded_generator,
     steps_per_epoch,
 )
-from oal_trainer.distributed import DistContext, init_distributed, wrap_model
+from oal_trainer.distributed import DistContext, init_distributed, rank0_first, wrap_model
 from oal_trainer.objective import OALObjective, StepBatch, TrainModules
 from oal_trainer.recipes import RUNTIME_FIELDS, TrainConfig
 from oal_trainer.run_models import build_student, teacher_model
-from oal_trainer.run_outliers import PixelOutliers, RunOutliers, open_outliers, open_pixel_outliers, rank0_first
+from oal_trainer.run_outliers import PixelOutliers, RunOutliers, open_outliers, open_pixel_outliers
 from oal_trainer.scorers import get_scorer
 from oal_trainer.teacher import LoadedRun, TeacherOutputs, cached_teacher_outputs
 

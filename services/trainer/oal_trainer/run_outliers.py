@@ -8,7 +8,6 @@ resume; `open_pixel_outliers` loads the generator's VAE and, when asked, the dec
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,7 +29,7 @@ from oal_trainer.data import (
     warn_if_the_stream_draw_changed,
     write_source_record,
 )
-from oal_trainer.distributed import DistContext, barrier
+from oal_trainer.distributed import DistContext, rank0_first
 from oal_trainer.recipes import TrainConfig
 
 if TYPE_CHECKING:  # decode pulls in diffusers; only pixel-space runs import it
@@ -168,8 +167,3 @@ def open_pixel_outliers(
 
 
 # Also what run.py's teacher cache is built with; here, so run.py imports this module and not the reverse.
-def rank0_first(ctx: DistContext, build: Callable[[bool], Any]) -> Any:
-    """build(write=True) on rank 0, then build(write=False) on the others once rank 0's cache file exists."""
-    result = build(True) if ctx.is_main else None
-    barrier(ctx)
-    return result if ctx.is_main else build(False)
