@@ -7,7 +7,8 @@
 # Leaves OUT/artifacts/generators/fmnist-ldm and, per job, a stable link OUT/shards-<name> to the job
 # folder, so the sweep file can name them. Jobs: 600 outliers (the demo's, 100 per class), the same
 # with the reference's k-NN indexing bug, 60/150/2400 for outlier efficiency, and "sharp" (600 from a
-# longer-trained generator); STUDY_JOBS="600" makes only the first.
+# longer-trained generator); STUDY_JOBS="600" makes only the first. STUDY_JOBS="600-sigma0.015" makes
+# the 600-outlier job with the sampler's sigma at 0.015 (any value after "600-sigma").
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 OUT=$(realpath -m "${1:-runs/study}")
@@ -37,13 +38,13 @@ stop_services() { kill $API $WORKER 2>/dev/null || true; wait $API $WORKER 2>/de
 trap stop_services EXIT
 start_services
 
-job() {  # job NAME NUM_OUTLIERS FAITHFUL_BUG [LINK]
-    local name=$1 count=$2 bug=$3 link=${4:-"$OUT/shards-$1"}
+job() {  # job NAME NUM_OUTLIERS FAITHFUL_BUG [LINK] [SIGMA]
+    local name=$1 count=$2 bug=$3 link=${4:-"$OUT/shards-$1"} sigma=${5:+", \"sigma\": $5"}
     if [ -L "$link" ] && [ -f "$link/manifest.json" ]; then echo "study: $name ready"; return; fi
     local spec="$OUT/logs/job-$name.json"
     cat > "$spec" <<JSON
 {"generator": "fmnist-ldm", "embeddings": {"benchmark": "fmnist-osr"}, "num_outliers": $count, "seed": 0,
- "sampler": {"faithful_knn_bug": $bug}, "diffusion": {"steps": 25, "guidance_scale": 3.0}}
+ "sampler": {"faithful_knn_bug": $bug$sigma}, "diffusion": {"steps": 25, "guidance_scale": 3.0}}
 JSON
     echo "study: job $name ($count outliers, faithful_knn_bug=$bug)"
     # submit follows the job to its end and prints the manifest path as its last line
@@ -56,6 +57,7 @@ JSON
 for name in ${STUDY_JOBS:-600 600-faithful 60 150 2400 sharp}; do
     case $name in
         600-faithful) job "$name" 600 true ;;
+        600-sigma*) job "$name" 600 false "" "${name#600-sigma}" ;;  # the sampler's noise scale (default 0.07)
         sharp) ;;  # below: another generator root
         *) job "$name" "$name" false ;;
     esac
