@@ -25,7 +25,6 @@ the job finished); under "skip" its samples are kept and the difference is count
 from __future__ import annotations
 
 import hashlib
-import io
 import logging
 import os
 import tarfile
@@ -38,7 +37,7 @@ import numpy as np
 
 from oal_shared.errors import ShardError
 from oal_shared.shards.policy import ReadStats, check_on_error
-from oal_shared.shards.reader import iter_outlier_samples
+from oal_shared.shards.reader import iter_outlier_samples, npy_header, npy_header_fields
 from oal_shared.shards.schema import KEY_PATTERN, SAMPLE_MEMBERS, OutlierSample, SampleLayout, ShardInfo
 from oal_shared.shards.tar_walk import group_samples
 
@@ -239,18 +238,11 @@ def _header_of(data: bytes, member: tuple[int, int], shape: tuple[int, ...], dty
     compared byte for byte with every other sample's.
     """
     start, size = member
-    stream = io.BytesIO(data[start : start + min(size, 4096)])
-    try:
-        version = np.lib.format.read_magic(stream)
-        if version not in ((1, 0), (2, 0)):
-            return None
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        got_shape, fortran_order, got_dtype = read_header(stream)
-    except (ValueError, OSError, EOFError):
+    header = npy_header(data[start : start + size])
+    fields = npy_header_fields(header) if header is not None else None
+    if fields is None or fields[0] != dtype or fields[1] != tuple(shape):
         return None
-    if tuple(got_shape) != tuple(shape) or fortran_order or got_dtype != dtype:
-        return None
-    return data[start : start + stream.tell()]
+    return header
 
 
 def _payload_at(data: bytes, member: tuple[int, int], header: bytes, payload: int) -> int | None:

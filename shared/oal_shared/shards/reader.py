@@ -72,7 +72,7 @@ def decode_outlier_sample(raw: dict, shard: str, layout: SampleLayout | None = N
 
 
 def _read_npy(data: bytes, member: str, shard: str, key: str) -> np.ndarray:
-    header = _npy_header(data)
+    header = npy_header(data)
     known = _NPY_HEADERS.get(header) if header is not None else None
     if known is None:
         try:
@@ -98,7 +98,7 @@ _NPY_HEADERS_MAX = 64
 _NPY_MAGIC = b"\x93NUMPY"
 
 
-def _npy_header(data: bytes) -> bytes | None:
+def npy_header(data: bytes) -> bytes | None:
     """The header bytes of a version 1.0 or 2.0 .npy file (what numpy parses), or None."""
     if len(data) < 12 or data[:6] != _NPY_MAGIC or data[7] != 0:
         return None
@@ -112,17 +112,27 @@ def _npy_header(data: bytes) -> bytes | None:
 
 
 def _remember_npy_header(header: bytes | None, data: bytes) -> None:
-    if header is None:
-        return
-    stream = io.BytesIO(header)
-    version = np.lib.format.read_magic(stream)
-    read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-    shape, fortran_order, dtype = read_header(stream)
-    if fortran_order or dtype.hasobject:  # transposed or pickled arrays keep numpy's full path
+    fields = npy_header_fields(header) if header is not None else None
+    if fields is None:  # transposed or pickled arrays keep numpy's full path
         return
     if len(_NPY_HEADERS) >= _NPY_HEADERS_MAX:
         _NPY_HEADERS.clear()
-    _NPY_HEADERS[header] = (dtype, tuple(shape), int(np.prod(shape, dtype=np.int64)))
+    _NPY_HEADERS[header] = fields  # type: ignore[index]
+
+
+def npy_header_fields(header: bytes) -> tuple[np.dtype, tuple[int, ...], int] | None:
+    """(dtype, shape, element count) of `.npy` header bytes (`npy_header`) for a C-ordered array
+    without objects, as numpy reads them; None for any other header, or one numpy refuses."""
+    stream = io.BytesIO(header)
+    try:
+        version = np.lib.format.read_magic(stream)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran_order, dtype = read_header(stream)
+    except (ValueError, OSError, EOFError):
+        return None
+    if fortran_order or dtype.hasobject:
+        return None
+    return dtype, tuple(shape), int(np.prod(shape, dtype=np.int64))
 
 
 def _read_provenance(data: bytes, shard: str, key: str) -> dict:
