@@ -100,31 +100,32 @@ def read_shard_block(
             identity = _FileIdentity.of(path, os.fstat(handle.fileno()), info, layout)
             data = handle.read()
     except OSError:
-        identity, data = None, None  # the per-sample reader reports it under the policy
-    index = _INDEXES.get(identity) if identity is not None else None
-    if index is None and data is not None and _matches(data, info):
-        index = _index_of(data, layout)
-        if index is not None and identity is not None:
-            _INDEXES.put(identity, index)
-    block = index.gather(data, layout) if index is not None and len(data) == info.bytes else None  # type: ignore[arg-type]
-    if block is not None:
-        stats.samples += len(block)
-        return block
+        data = None  # the per-sample reader reports it under the policy
+    digest = None  # of `data`, computed at most once: a kept index means the file was checked before
+    if data is not None:
+        index = _INDEXES.get(identity)
+        if index is None:
+            digest = hashlib.sha256(data).hexdigest()
+            if len(data) == info.bytes and digest == info.sha256:
+                index = _index_of(data, layout)
+                if index is not None:
+                    _INDEXES.put(identity, index)
+        block = index.gather(data, layout) if index is not None and len(data) == info.bytes else None
+        if block is not None:
+            stats.samples += len(block)
+            return block
     samples = list(iter_outlier_samples([path], on_error=on_error, stats=stats, layout=layout))
-    if data is not None and not _matches(data, info):
-        _changed(path, data, info, on_error, stats)
+    if data is not None:
+        digest = digest or hashlib.sha256(data).hexdigest()
+        if len(data) != info.bytes or digest != info.sha256:
+            _changed(path, len(data), digest, info, on_error, stats)
     return ShardBlock.of_samples(samples, layout)
 
 
-def _matches(data: bytes, info: ShardInfo) -> bool:
-    return len(data) == info.bytes and hashlib.sha256(data).hexdigest() == info.sha256
-
-
-def _changed(path: Path, data: bytes, info: ShardInfo, on_error: str, stats: ReadStats) -> None:
+def _changed(path: Path, size: int, digest: str, info: ShardInfo, on_error: str, stats: ReadStats) -> None:
     """A shard that reads cleanly but is not the file its manifest entry describes."""
-    digest = hashlib.sha256(data).hexdigest()
     error = ShardError(
-        f"{len(data)} bytes with sha256 {digest[:12]}..., but the manifest records {info.bytes} bytes with "
+        f"{size} bytes with sha256 {digest[:12]}..., but the manifest records {info.bytes} bytes with "
         f"sha256 {info.sha256[:12]}...: the file changed after the job finished (run the job again)",
         shard=str(path),
     )
