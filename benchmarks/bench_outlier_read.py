@@ -37,8 +37,7 @@ from rich.console import Console
 from rich.table import Table
 
 from oal_shared.shards import OutlierSample, load_manifest, outlier_pipeline, sample_key, write_manifest, write_shard
-from oal_shared.shards import blocks as shard_blocks
-from oal_shared.shards.blocks import read_shard_block
+from oal_shared.shards.blocks import forget_shard_indexes, read_shard_block
 from oal_trainer.data import OutlierStream
 
 REPO = Path(__file__).resolve().parents[1]
@@ -142,7 +141,7 @@ def stream_rate(folder: Path, workers: int, steps: int) -> dict:
     plus its DataLoader workers, which have exited when the epoch ends) does not, so the rate one
     core sustains (`outliers_per_cpu_s`) is the figure to hold against a trainer's demand.
     """
-    shard_blocks._INDEXES.entries.clear()  # every measurement starts cold: no shard's walk is known yet
+    forget_shard_indexes()  # every measurement starts cold: no shard's walk is known yet
     stream = OutlierStream(folder, batch_size=BATCH, steps_per_epoch=steps, seed=0, workers=workers)
     sample_bytes = sum(info.bytes for info in stream.manifest.shards) / stream.manifest.num_samples
     cpu_start = _cpu_seconds()

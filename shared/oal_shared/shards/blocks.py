@@ -196,6 +196,11 @@ class _IndexCache:
 _INDEXES = _IndexCache(capacity=4096)
 
 
+def forget_shard_indexes() -> None:
+    """Drop every kept index, so the next read of each shard is a first read (for benchmarks)."""
+    _INDEXES.entries.clear()
+
+
 def _index_of(data: bytes, layout: SampleLayout) -> _ShardIndex | None:
     """The index of a shard already checked against its sha256, or None if any sample is unusual.
 
